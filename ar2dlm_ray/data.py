@@ -122,7 +122,7 @@ def load_corpus(data_cfg: DataConfig, cache_dir: Path | None = None, shakespeare
 
 
 def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def text_prompts(texts: list[str], tokenizer, n: int, prompt_tokens: int, seed: int) -> list[str]:

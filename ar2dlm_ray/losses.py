@@ -1,0 +1,97 @@
+"""Divergences between teacher targets and student predictions (OPDLM.md §4, §6).
+
+Everything works on "bins": log-probabilities over the same K outcomes for teacher and student. The full
+vocabulary is K = V; a top-k teacher gives k bins plus, optionally, one tail bin holding the remaining
+mass, so that the truncated divergence is still a divergence between two distributions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_TINY = 1e-10
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last axis; bins where p is exactly zero contribute nothing."""
+    p = p_log.exp()
+    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
+
+
+def divergence(student_log: torch.Tensor, teacher_log: torch.Tensor, kind: str = "forward_kl",
+               beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence between teacher and student bins.
+
+    forward_kl = KL(teacher || student) (the default), reverse_kl = KL(student || teacher), jsd = GKD's
+    generalised Jensen-Shannon: beta=0 is forward KL, beta=1 reverse KL, in between
+    beta * KL(T || M) + (1 - beta) * KL(S || M) with M = beta * T + (1 - beta) * S.
+    """
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return _kl(teacher_log, student_log)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return _kl(student_log, teacher_log)
+    if kind != "jsd":
+        raise ValueError(f"unknown divergence {kind!r}; use forward_kl, reverse_kl or jsd")
+    mix = torch.logsumexp(torch.stack([teacher_log + torch.log(torch.tensor(beta)),
+                                       student_log + torch.log(torch.tensor(1.0 - beta))]), dim=0)
+    return beta * _kl(teacher_log, mix) + (1.0 - beta) * _kl(student_log, mix)
+
+
+def _log_tail(log_probs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(log_probs))), clamped away from log(0)."""
+    return torch.log((1.0 - log_probs.exp().sum(-1, keepdim=True)).clamp_min(_TINY))
+
+
+def topk_bins(student_logp: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,
+              tail: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher bins for a top-k teacher: the k teacher tokens, plus the tail when `tail`."""
+    student_k = student_logp.gather(-1, teacher_ids)
+    if not tail:
+        return student_k, teacher_logp
+    return torch.cat([student_k, _log_tail(student_k)], -1), torch.cat([teacher_logp, _log_tail(teacher_logp)], -1)
+
+
+def token_divergence(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor | None,
+                     vocab: int, kind: str = "forward_kl", beta: float = 0.5, tail: bool = True) -> torch.Tensor:
+    """Divergence per position from raw student logits [N, V_s] and teacher targets.
+
+    `teacher_ids` is None for full-vocabulary targets [N, vocab]; the student's logits are cut to the
+    teacher's `vocab` (an added mask row is not part of it) before normalising.
+    """
+    student_logp = torch.log_softmax(student_logits[..., :vocab].float(), dim=-1)
+    if teacher_ids is None:
+        return divergence(student_logp, teacher_logp.float(), kind, beta)
+    s_bins, t_bins = topk_bins(student_logp, teacher_ids, teacher_logp.float(), tail)
+    return divergence(s_bins, t_bins, kind, beta)
+
+
+def hard_label_nll(student_logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Cross-entropy of the true tokens, per position."""
+    return torch.nn.functional.cross_entropy(student_logits[..., :vocab].float(), targets, reduction="none")
+
+
+def per_rollout_mean(values: torch.Tensor, rollout: torch.Tensor, n_rollouts: int,
+                     denominators: torch.Tensor) -> torch.Tensor:
+    """Sum values per rollout, divide by that rollout's denominator, average over rollouts that have one."""
+    sums = torch.zeros(n_rollouts, dtype=values.dtype, device=values.device).index_add_(0, rollout, values)
+    has = denominators > 0
+    if not has.any():
+        return values.sum() * 0.0
+    return (sums[has] / denominators[has].to(values.dtype)).mean()
+
+
+def objective(logits: torch.Tensor, batch, vocab: int, kind: str = "forward_kl", beta: float = 0.5,
+              tail: bool = True) -> torch.Tensor:
+    """The training loss of a TrainBatch from the student's logits over it ([b, P + 2L, V]).
+
+    Distillation batches: mean divergence over each rollout's supervised (masked) positions, then mean
+    over rollouts (weight 1). Hard-label batches: sum of (1/t)-weighted cross-entropy over the masked
+    positions divided by the rollout's supervised length, then mean over rollouts (the block-diffusion
+    NELBO per token).
+    """
+    picked = logits.reshape(-1, logits.shape[-1])[batch.pred_index]
+    if batch.teacher_logp is not None:
+        per_token = token_divergence(picked, batch.teacher_logp, batch.teacher_ids, vocab, kind, beta, tail)
+    else:
+        per_token = hard_label_nll(picked, batch.targets, vocab) * batch.weights
+    return per_rollout_mean(per_token, batch.rollout, batch.input_ids.shape[0], batch.denominators)

@@ -1,0 +1,55 @@
+"""Shared fixtures: a real BPE tokenizer trained on Shakespeare, tiny random models of several HF
+families, and a small micro teacher really pretrained on text (cached across the session)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from ar2dlm_ray.data import shakespeare_texts
+    from ar2dlm_ray.pretrain import train_tokenizer
+
+    texts = shakespeare_texts()
+    return train_tokenizer([t[:200_000] for t in texts[:4]], vocab_size=400)
+
+
+def tiny_causal_lm(family: str, vocab_size: int, seed: int = 0):
+    """A randomly initialised model of a real HF architecture, small enough for unit tests."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))
+    elif family == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=512,
+                                                   layer_types=["sliding_attention", "full_attention"]))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def micro_teacher(tmp_path_factory):
+    """A small Llama teacher pretrained for real on Shakespeare + tasks (about a minute on 2 cores)."""
+    from ar2dlm_ray.config import DataConfig, PretrainConfig
+    from ar2dlm_ray.pretrain import pretrain_teacher
+
+    pcfg = PretrainConfig(cache_dir=str(tmp_path_factory.mktemp("teacher")), vocab_size=512, hidden_size=96,
+                          num_layers=2, num_heads=4, intermediate_size=256, seq_len=64, steps=250, batch_size=16,
+                          lr=3e-3, num_facts=20)
+    return str(pretrain_teacher(pcfg, DataConfig(), log=lambda *a, **k: None))

@@ -1,0 +1,132 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from ar2dlm_ray.config import DataConfig
+from ar2dlm_ray.data import build_prompts, corpus_chunks, load_corpus, shakespeare_texts, text_prompts
+from ar2dlm_ray.pretrain import train_tokenizer
+from ar2dlm_ray.tasks import EOS_TOKEN, TaskExample, TaskSuite, is_correct
+
+
+@pytest.fixture(scope="module")
+def cache_dir() -> Path:
+    # Shared with data.py's default, so the Shakespeare download happens once per machine.
+    return Path(os.environ.get("AR2DLM_CACHE", "~/.cache/ar2dlm_ray")).expanduser()
+
+
+@pytest.fixture(scope="module")
+def corpus(cache_dir):
+    return load_corpus(DataConfig(), cache_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    suite = TaskSuite(20, 0)
+    # A small tokenizer is enough to exercise prompt building; trained on a slice for speed.
+    return train_tokenizer([t[:50_000] for t in corpus.train_texts] + [e.document for e in suite.train_examples()], 400)
+
+
+def test_tasks_are_deterministic():
+    a, b = TaskSuite(30, 7), TaskSuite(30, 7)
+    assert a.train_examples() == b.train_examples()
+    assert a.heldout_examples(50, 1) == b.heldout_examples(50, 1)
+    assert a.train_prompts(50, 1) == b.train_prompts(50, 1)
+    assert TaskSuite(30, 8).facts != a.facts
+    assert a.heldout_examples(50, 1) != a.heldout_examples(50, 2)
+
+
+def test_heldout_arithmetic_disjoint_from_train():
+    suite = TaskSuite(30, 0)
+    train = {e.prompt for e in suite.train_examples()}
+    held = suite.heldout_examples(400, 0)
+    arith = [e for e in held if e.task == "arith"]
+    assert len(arith) == 200 and len({e.task for e in held}) == 2
+    assert not train & {e.prompt for e in arith}
+    assert not train & {e.prompt for e in TaskSuite(30, 0).heldout_examples(2000, 3) if e.task == "arith"}
+    # Distillation prompts come from the train split only.
+    assert {e.prompt for e in suite.train_prompts(300, 0)} <= train
+    for e in arith:
+        a, b = map(int, e.prompt[:-1].split("+"))
+        assert int(e.answer) == a + b
+
+
+def test_facts_unique_and_memorisable():
+    suite = TaskSuite(60, 0)
+    prompts = [f.prompt for f in suite.facts]
+    answers = [f.answer for f in suite.facts]
+    assert len(set(prompts)) == 60 and len(set(answers)) == 60
+    assert all(p.startswith("The capital of ") and p.endswith(" is") for p in prompts)
+    assert all(a.startswith(" ") and a[1:].isalpha() for a in answers)
+    # Held-out fact prompts are the memorised table itself.
+    assert {e.prompt for e in suite.heldout_examples(100, 0) if e.task == "facts"} <= set(prompts)
+
+
+def test_is_correct():
+    ex = TaskExample("arith", "37+48=", "85")
+    assert is_correct(ex, "85")
+    assert is_correct(ex, "85\n12+3=15")
+    assert is_correct(ex, "85" + EOS_TOKEN + "<|pad|>")
+    assert not is_correct(ex, "850")
+    assert not is_correct(ex, "84")
+    assert not is_correct(ex, " 85")
+    assert not is_correct(ex, "")
+    fact = TaskExample("facts", "The capital of Zorvia is", " Quelbrin")
+    assert is_correct(fact, " Quelbrin" + EOS_TOKEN)
+    assert not is_correct(fact, " Quelbrinia")
+    assert not is_correct(fact, " Quel")
+
+
+def test_shakespeare_corpus(cache_dir, corpus):
+    texts = shakespeare_texts(cache_dir)
+    assert len(texts) == 42 and sum(map(len, texts)) > 4_000_000
+    assert any("ROMEO" in t for t in texts) and any("To be, or not to be" in t for t in texts)
+    assert corpus.train_texts and corpus.heldout_texts
+    assert not set(corpus.train_texts) & set(corpus.heldout_texts)
+    assert len(corpus.train_texts) + len(corpus.heldout_texts) == 42
+    again = load_corpus(DataConfig(), cache_dir)
+    assert again.heldout_texts == corpus.heldout_texts
+
+
+def test_extra_sources(tmp_path, cache_dir):
+    f = tmp_path / "extra.txt"
+    f.write_text("A brand new document about nothing at all.\n" * 5)
+    with_file = load_corpus(DataConfig(text_files=[str(f)]), cache_dir)
+    assert len(with_file.train_texts) + len(with_file.heldout_texts) == 43
+    with pytest.raises(FileNotFoundError, match="text_files"):
+        load_corpus(DataConfig(text_files=[str(tmp_path / "missing.txt")]), cache_dir)
+
+    import datasets
+
+    datasets.Dataset.from_dict({"body": ["first doc text", "second doc text", "third"]}).save_to_disk(tmp_path / "ds")
+    only_ds = load_corpus(DataConfig(dataset=str(tmp_path / "ds"), dataset_column="body"), cache_dir, shakespeare=False)
+    assert sorted(only_ds.train_texts + only_ds.heldout_texts) == ["first doc text", "second doc text", "third"]
+    with pytest.raises(ValueError, match="dataset_column"):
+        load_corpus(DataConfig(dataset=str(tmp_path / "ds")), cache_dir, shakespeare=False)
+    with pytest.raises(ValueError, match="data.dataset"):
+        load_corpus(DataConfig(dataset=str(tmp_path / "nope" / "x")), cache_dir, shakespeare=False)
+
+
+def test_prompts_deterministic(corpus, tokenizer):
+    suite = TaskSuite(20, 0)
+    cfg = DataConfig(num_prompts=40, text_prompt_fraction=0.25, prompt_tokens=12, seed=3)
+    p1 = build_prompts(cfg, tokenizer, suite, corpus)
+    assert p1 == build_prompts(cfg, tokenizer, suite, corpus)
+    assert p1 != build_prompts(cfg.model_copy(update={"seed": 4}), tokenizer, suite, corpus)
+    task_prompts = {e.prompt for e in suite.train_examples()}
+    n_task = sum(p in task_prompts for p in p1)
+    assert len(p1) == 40 and n_task == 30
+    # Shuffled: task and text prompts interleave.
+    assert any(p in task_prompts for p in p1[:20]) and any(p not in task_prompts for p in p1[:20])
+
+    texts = text_prompts(corpus.train_texts, tokenizer, 10, 12, seed=0)
+    for t in texts:
+        n = len(tokenizer(t, add_special_tokens=False)["input_ids"])
+        assert 6 <= n <= 14 and any(t.strip() in doc for doc in corpus.train_texts)
+
+
+def test_corpus_chunks(corpus, tokenizer):
+    chunks = corpus_chunks(corpus.heldout_texts, tokenizer, 32, 20, seed=0)
+    assert len(chunks) == 20 and all(len(c) == 32 for c in chunks)
+    assert chunks == corpus_chunks(corpus.heldout_texts, tokenizer, 32, 20, seed=0)
+    assert len({tuple(c) for c in chunks}) == 20

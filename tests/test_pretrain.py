@@ -1,0 +1,49 @@
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ar2dlm_ray.config import DataConfig, PretrainConfig
+from ar2dlm_ray.pretrain import greedy_generate, pretrain_teacher, teacher_accuracy, teacher_dir
+from ar2dlm_ray.tasks import TaskExample, TaskSuite
+
+TINY = dict(steps=60, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, seq_len=64,
+            batch_size=8, vocab_size=400, num_facts=10)
+
+
+def test_tiny_pretrain_writes_checkpoint_and_caches(tmp_path):
+    pcfg = PretrainConfig(cache_dir=str(tmp_path / "teachers"), **TINY)
+    logs = []
+    out = pretrain_teacher(pcfg, DataConfig(), log=logs.append)
+    assert out.parent == tmp_path / "teachers" and any("step 60/60" in line for line in logs)
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp dir left behind
+
+    report = json.loads((out / "pretrain_report.json").read_text())
+    assert set(report["accuracy"]) == {"arith", "facts", "overall"}
+    assert report["config"]["steps"] == 60 and report["final_loss"] < 6.0  # below log(400) = 6.0
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert tok.eos_token == tok.bos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    assert model.config.tie_word_embeddings and model.dtype == torch.float32
+    assert model.config.hidden_size == 64 and model.config.vocab_size == len(tok)
+    # Digits are split one per token, so addition can work digit by digit.
+    assert tok.convert_ids_to_tokens(tok("123+45=", add_special_tokens=False)["input_ids"]) == list("123+45=")
+
+    # Cached: the second call returns the same directory without training.
+    logs2 = []
+    t0 = time.time()
+    assert pretrain_teacher(pcfg, DataConfig(), log=logs2.append) == out
+    assert time.time() - t0 < 1.0 and logs2 == []
+    # A different recipe is a different teacher; the thread count is not part of the recipe.
+    assert teacher_dir(pcfg.model_copy(update={"seed": 1}), DataConfig()) != out
+    assert teacher_dir(pcfg, DataConfig(seed=5)) != out
+    assert teacher_dir(pcfg.model_copy(update={"threads": 1}), DataConfig()) == out
+
+    # Batched left-padded greedy generation agrees with one-at-a-time generation.
+    examples = TaskSuite(10, 0).heldout_examples(12, 0) + [TaskExample("arith", "1+1=", "2")]
+    prompts = [e.prompt for e in examples]
+    assert greedy_generate(model, tok, prompts, 6, batch_size=13) == greedy_generate(model, tok, prompts, 6, batch_size=1)
+    acc = teacher_accuracy(model, tok, examples, batch_size=13)
+    assert set(acc) == {"arith", "facts", "overall"} and 0.0 <= acc["overall"] <= 1.0
