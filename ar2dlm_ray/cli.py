@@ -1,0 +1,208 @@
+"""`ar2dlm`: convert, sample, train, pretrain the micro teacher, evaluate, and run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, SamplerConfig, load_config
+
+DEFAULT_CONFIG = "configs/micro.yaml"
+
+
+def _log(*args) -> None:
+    print(*args, flush=True)
+
+
+def cmd_convert(args) -> None:
+    from .student import convert, load_causal_lm
+
+    if args.block_size <= 0:
+        raise ConfigError(f"--block-size must be a positive integer, got {args.block_size}")
+    if not Path(args.model).exists() and args.model.count("/") != 1:
+        raise ConfigError(f"--model: no such directory {args.model!r}; give a Hugging Face model directory")
+    model, tokenizer = load_causal_lm(args.model)
+    student = convert(model, tokenizer, args.block_size, args.shift)
+    out = student.save(args.out)
+    _log(json.dumps({"student": str(out), "mask_token": student.spec.mask_token, "mask_id": student.spec.mask_id,
+                     "block_size": student.spec.block_size, "shift": student.spec.shift}))
+
+
+def cmd_sample(args) -> None:
+    from .sampler import sample
+    from .student import load_student
+
+    try:
+        cfg = SamplerConfig(max_new_tokens=args.max_new_tokens, remasking=args.remasking, threshold=args.threshold,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            steps_per_block=args.steps_per_block or 1, use_cache=not args.no_cache)
+    except Exception as exc:  # pydantic's message names the bad field
+        raise ConfigError(f"bad sampling option: {exc}") from None
+    student = load_student(args.model)
+    if args.steps_per_block is None:
+        cfg = cfg.model_copy(update={"steps_per_block": student.spec.block_size})
+    tok = student.tokenizer
+    prompt_ids = tok.encode(args.prompt, add_special_tokens=False)
+    if not prompt_ids:
+        raise ConfigError("--prompt is empty; give some text to continue")
+    out = sample(student, [prompt_ids], cfg, seed=args.seed)
+    ids = out.tokens(0)
+    result = {"prompt_ids": prompt_ids, "token_ids": ids, "reveal_steps": out.reveals(0),
+              "text": tok.decode(ids, skip_special_tokens=True), "forwards": int(out.forwards[0]), "seed": out.seed}
+    _log(json.dumps(result) if args.json else args.prompt + result["text"])
+
+
+def cmd_train(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.mode == "ray":
+        raise ConfigError("mode=ray needs the Ray system, which is not part of this release; use mode=local")
+    from .trainer import train
+
+    train(cfg, resume=args.resume, log=_log)
+
+
+def cmd_pretrain(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    from .pretrain import pretrain_teacher
+
+    path = pretrain_teacher(cfg.pretrain, cfg.data, log=_log)
+    report = path / "pretrain_report.json"
+    _log(json.dumps({"teacher": str(path), **(json.loads(report.read_text()) if report.exists() else {})}))
+
+
+def _eval_models(cfg, student_dir: str | None, teacher_dir: str):
+    from .evaluate import EvalData, evaluate_student, evaluate_teacher
+    from .student import load_student
+    from .teacher import HFTeacher
+
+    teacher = HFTeacher.load(teacher_dir, None, cfg.teacher.batch_size, cfg.model.dtype, cfg.model.device)
+    data = EvalData(cfg, teacher.tokenizer)
+    if student_dir is None:
+        return evaluate_teacher(teacher, cfg, data)
+    student = load_student(student_dir, cfg.model.dtype, cfg.model.device)
+    return evaluate_student(student, teacher, cfg, data)
+
+
+def cmd_eval(args) -> None:
+    cfg = load_config(args.config if os.path.exists(args.config) else None, args.overrides)
+    for flag, value in (("--model", args.model), ("--teacher", args.teacher)):
+        if not Path(value).is_dir():
+            raise ConfigError(f"{flag}: no such directory {value!r}")
+    from .student import is_student_dir
+
+    result = _eval_models(cfg, args.model if is_student_dir(args.model) else None, args.teacher)
+    result = {"model": args.model, "teacher": args.teacher, **result}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    _log(json.dumps(result, indent=2))
+
+
+def cmd_demo(args) -> None:
+    """Pretrain (or reuse) the micro teacher, convert it, train with OPDLM, evaluate before/after."""
+    from .evaluate import EvalData, evaluate_student, evaluate_teacher, format_table
+    from .student import load_student
+    from .teacher import HFTeacher
+    from .trainer import LocalTrainer, resolve_teacher_path
+
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    teacher_path = resolve_teacher_path(cfg, _log)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"teacher": teacher_path})})
+    out_dir = Path(cfg.train.out_dir)
+    trainer = LocalTrainer(cfg, _log)
+    before_dir = trainer.student.save(out_dir / "student_before")
+    teacher = HFTeacher(trainer.teacher.model, trainer.teacher.tokenizer, None, cfg.teacher.batch_size)
+    data = EvalData(cfg, teacher.tokenizer)
+    rows = {"teacher (AR)": evaluate_teacher(teacher, cfg, data)}
+    _log("[demo] evaluated the teacher")
+    rows["student before"] = evaluate_student(trainer.student, teacher, cfg, data)
+    _log("[demo] evaluated the converted student before training")
+    summary = trainer.run()
+    after = load_student(summary["final_student"], cfg.model.dtype, cfg.model.device)
+    rows["student after"] = evaluate_student(after, teacher, cfg, data)
+    table = format_table(rows)
+    result = {"rows": rows, "training": summary, "teacher": teacher_path, "student_before": str(before_dir),
+              "wall_s": time.perf_counter() - start}
+    (out_dir / "demo_results.json").write_text(json.dumps(result, indent=2))
+    _log("\n" + table)
+    _log("(teacher row: AR greedy decoding, tokens per forward 1; its heldout_nelbo column is its exact AR NLL)")
+    _log(f"[demo] {summary['steps']} OPDLM steps on {summary['accounting']['tokens_trained']} training tokens; "
+         f"total {result['wall_s']:.0f}s; results in {out_dir / 'demo_results.json'}")
+
+
+def _add_overrides(p) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ar2dlm", description="Turn an autoregressive LM into a block-diffusion LM with on-policy distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a HF causal LM into a block-diffusion student directory")
+    p.add_argument("--model", required=True, help="the AR model directory (or hub id)")
+    p.add_argument("--out", required=True, help="where to write the student")
+    p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=False,
+                   help="predict token i at position i-1 (DiffuLLaMA/Dream); default: at position i (the paper)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("sample", help="generate from a student with the block-diffusion sampler")
+    p.add_argument("--model", required=True, help="a student directory (from `ar2dlm convert` or training)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--steps-per-block", type=int, default=None, help="default: the block size")
+    p.add_argument("--remasking", choices=["static", "dynamic"], default="static")
+    p.add_argument("--threshold", type=float, default=0.9, help="dynamic remasking confidence threshold")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
+    p.add_argument("--json", action="store_true", help="print one JSON object with ids, reveal steps, text, forwards")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="train a student (OPDLM or a baseline) from a YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("teacher", help="teacher utilities")
+    tsub = p.add_subparsers(dest="teacher_command", required=True)
+    tp = tsub.add_parser("pretrain", help="pretrain (or reuse from cache) the micro teacher of a config")
+    tp.add_argument("--config", required=True)
+    _add_overrides(tp)
+    tp.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="evaluate a student (or an AR model) against its teacher")
+    p.add_argument("--model", required=True, help="a student directory, or an AR directory for the reference row")
+    p.add_argument("--teacher", required=True, help="the AR teacher directory")
+    p.add_argument("--out", required=True, help="where to write metrics JSON")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="evaluation settings (eval, data, pretrain sections)")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job: pretrain/reuse teacher, convert, train, evaluate, print table")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    _add_overrides(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"ar2dlm: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

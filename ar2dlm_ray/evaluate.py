@@ -1,0 +1,160 @@
+"""Evaluation of a student (or of its AR teacher, for reference).
+
+- task accuracy: exact answers to held-out task prompts, greedy, under static decoding (one token per
+  step) and dynamic decoding at each threshold γ, with tokens per forward for each;
+- generation quality: the teacher's per-token NLL of the model's samples from held-out text openings,
+  with distinct-2 beside it so that degenerate, repetitive text cannot look good;
+- held-out NELBO: the block-diffusion bound per token on held-out text (random states, 1/t weights);
+- on-policy KL: the training objective on fresh rollouts from fixed prompts (OPDLM.md §6).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import RunConfig, SamplerConfig
+from .losses import objective
+from .sampler import sample
+from .states import Rollout, build_batch, rollouts_from_sample
+from .student import Student
+from .teacher import HFTeacher
+
+
+def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
+    """Unique n-grams / all n-grams over the generations (1.0: no repetition at all)."""
+    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def teacher_nll(teacher: HFTeacher, pairs: list[tuple[list[int], list[int]]]) -> float:
+    """Mean per-token NLL under the teacher of the generated parts of (prompt, generation) pairs."""
+    pairs = [(p, g) for p, g in pairs if g]
+    if not pairs:
+        return float("nan")
+    full = HFTeacher(teacher.model, teacher.tokenizer, top_k=None, batch_size=teacher.batch_size)
+    total, count = 0.0, 0
+    for (_, gen), tt in zip(pairs, full.score(pairs)):
+        total -= float(tt.logprobs.gather(-1, torch.tensor(gen)[:, None]).sum())
+        count += len(gen)
+    return total / count
+
+
+def _decode_batched(student: Student, prompts: list[list[int]], cfg: SamplerConfig, seed: int, max_new: int):
+    outs = [sample(student, prompts[lo:lo + cfg.batch_size], cfg, seed=seed + lo, max_new_tokens=max_new)
+            for lo in range(0, len(prompts), cfg.batch_size)]
+    tokens = [o.tokens(r) for o in outs for r in range(len(o.prompt_ids))]
+    gen = sum(int(o.gen_lens.sum()) for o in outs)
+    fwd = sum(int(o.forwards.sum()) for o in outs)
+    return tokens, gen / max(1, fwd), outs
+
+
+def task_accuracy(student: Student, examples, cfg: SamplerConfig, max_new: int, seed: int = 0) -> tuple[float, float]:
+    """(accuracy, tokens per forward) of greedy decoding under `cfg` on task examples."""
+    from .tasks import is_correct
+
+    tok = student.tokenizer
+    prompts = [tok.encode(e.prompt, add_special_tokens=False) for e in examples]
+    tokens, tpf, _ = _decode_batched(student, prompts, cfg, seed, max_new)
+    hits = [is_correct(e, tok.decode(t)) for e, t in zip(examples, tokens)]
+    return sum(hits) / len(hits), tpf
+
+
+@torch.no_grad()
+def heldout_nelbo(student: Student, chunks: list[list[int]], samples: int, seed: int, batch_size: int = 16) -> float:
+    """Block-diffusion NELBO per token on held-out text: E_t[(1/t) CE on masked tokens], averaged."""
+    tok = student.tokenizer
+    bos = [tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id]
+    rollouts = [Rollout(bos, c) for c in chunks]
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(samples):
+        for lo in range(0, len(rollouts), batch_size):
+            batch = build_batch(rollouts[lo:lo + batch_size], student.spec, tok.pad_token_id, states="random",
+                                supervise_eos=True, generator=gen).to(student.device)
+            logits, _ = student.forward(batch.input_ids, batch.positions, batch.allowed)
+            values.append(float(objective(logits, batch, student.spec.teacher_vocab_size)))
+    return sum(values) / len(values)
+
+
+@torch.no_grad()
+def on_policy_kl(student: Student, teacher, prompts: list[list[int]], cfg: SamplerConfig, max_new: int,
+                 seed: int = 0, tail: bool = True) -> float:
+    """Forward KL to the teacher on trajectory states of fresh rollouts (the OPDLM objective)."""
+    tok = student.tokenizer
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    rollouts = []
+    for lo in range(0, len(prompts), cfg.batch_size):
+        out = sample(student, prompts[lo:lo + cfg.batch_size], cfg, seed=seed + lo, eos_ids=eos, max_new_tokens=max_new)
+        rollouts += [r for r in rollouts_from_sample(out) if r.tokens]
+    targets = teacher.score([(r.prompt_ids, r.tokens) for r in rollouts])
+    batch = build_batch(rollouts, student.spec, tok.pad_token_id, states="trajectory", eos_ids=eos,
+                        targets=targets, generator=torch.Generator().manual_seed(seed)).to(student.device)
+    logits, _ = student.forward(batch.input_ids, batch.positions, batch.allowed)
+    return float(objective(logits, batch, student.spec.teacher_vocab_size, tail=tail))
+
+
+class EvalData:
+    """The fixed evaluation inputs derived from a run configuration (same for every model compared)."""
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        from .data import corpus_chunks, load_corpus, text_prompts
+        from .tasks import TaskSuite
+
+        ev = cfg.eval
+        self.examples = TaskSuite(cfg.pretrain.num_facts, cfg.pretrain.seed).heldout_examples(ev.num_task_prompts, ev.seed)
+        corpus = load_corpus(cfg.data)
+        texts = text_prompts(corpus.heldout_texts, tokenizer, ev.num_text_prompts, cfg.data.prompt_tokens, ev.seed)
+        self.text_prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        self.chunks = corpus_chunks(corpus.heldout_texts, tokenizer, cfg.data.corpus_seq_len, ev.num_text_prompts,
+                                    ev.seed + 1)
+
+
+def evaluate_student(student: Student, teacher: HFTeacher, cfg: RunConfig, data: EvalData) -> dict:
+    ev, B = cfg.eval, student.spec.block_size
+    greedy = cfg.sampler.model_copy(update={"temperature": 0.0, "top_k": 0, "top_p": 1.0})
+    static = greedy.model_copy(update={"remasking": "static", "steps_per_block": B})
+    result: dict = {}
+    result["task_acc_static"], result["tpf_static"] = task_accuracy(student, data.examples, static, ev.max_new_tokens)
+    for gamma in ev.thresholds:
+        dyn = greedy.model_copy(update={"remasking": "dynamic", "threshold": gamma, "steps_per_block": B})
+        acc, tpf = task_accuracy(student, data.examples, dyn, ev.max_new_tokens)
+        result[f"task_acc_dynamic@{gamma}"], result[f"tpf_dynamic@{gamma}"] = acc, tpf
+    tokens, tpf, _ = _decode_batched(student, data.text_prompts, cfg.sampler, ev.seed, ev.max_new_tokens)
+    result["gen_teacher_nll"] = teacher_nll(teacher, list(zip(data.text_prompts, tokens)))
+    result["gen_distinct_2"] = distinct_n(tokens, 2)
+    result["gen_tpf"] = tpf
+    result["heldout_nelbo"] = heldout_nelbo(student, data.chunks, ev.nelbo_samples, ev.seed)
+    result["on_policy_kl"] = on_policy_kl(student, teacher, data.text_prompts + [
+        student.tokenizer.encode(e.prompt, add_special_tokens=False) for e in data.examples[:16]],
+        cfg.sampler, ev.max_new_tokens, ev.seed, cfg.teacher.tail)
+    return result
+
+
+@torch.no_grad()
+def evaluate_teacher(teacher: HFTeacher, cfg: RunConfig, data: EvalData) -> dict:
+    """The AR reference row: greedy task accuracy, NLL of its own samples, its AR NLL on held-out text."""
+    from .pretrain import teacher_accuracy
+
+    ev = cfg.eval
+    acc = teacher_accuracy(teacher.model, teacher.tokenizer, data.examples, max_new_tokens=ev.max_new_tokens)
+    gens = teacher.generate(data.text_prompts, ev.max_new_tokens, cfg.sampler.temperature, ev.seed)
+    tok = teacher.tokenizer
+    bos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+    ar_nll = teacher_nll(teacher, [([bos], c) for c in data.chunks])
+    return {"task_acc_static": acc["overall"], "tpf_static": 1.0,
+            **{f"task_acc_dynamic@{g}": acc["overall"] for g in ev.thresholds},
+            **{f"tpf_dynamic@{g}": 1.0 for g in ev.thresholds},
+            "gen_teacher_nll": teacher_nll(teacher, list(zip(data.text_prompts, gens))),
+            "gen_distinct_2": distinct_n(gens, 2), "gen_tpf": 1.0, "heldout_nelbo": ar_nll, "on_policy_kl": 0.0}
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """A plain-text table: one row per model, one column per metric."""
+    keys = list(next(iter(rows.values())).keys())
+    head = ["model"] + keys
+    lines = [head] + [[name] + [f"{v:.3f}" if isinstance(v, float) else str(v) for v in (r.get(k) for k in keys)]
+                      for name, r in rows.items()]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,302 @@
+"""The single-process trainer: OPDLM and its baselines without Ray (OPDLM.md §6-§9).
+
+This is the reference the distributed system must agree with. One loop iteration is one rollout batch:
+produce x0 (student rollouts, teacher generations or corpus text), score it with the teacher when the
+recipe distils, then take `updates_per_batch` optimiser steps on training states built from it.
+Everything random is seeded by (train.seed, batch or step index), so a resumed run replays the same
+data order and the same rollouts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import RunConfig, dump_config
+from .curriculum import generation_length, lr_factor
+from .losses import objective
+from .sampler import sample
+from .states import Rollout, build_batch, rollouts_from_sample
+from .student import Student, convert, is_student_dir, load_causal_lm, load_student
+from .teacher import build_teacher
+
+
+@dataclass(frozen=True)
+class Recipe:
+    source: str  # where x0 comes from: student | teacher | corpus
+    states: str  # trajectory | random
+    distill: bool  # teacher soft targets (True) or the true token with weight 1/t (False)
+
+
+RECIPES = {
+    "opdlm": Recipe("student", "trajectory", True),
+    "opdlm_off": Recipe("student", "random", True),
+    "kd_off": Recipe("teacher", "random", True),
+    "sft": Recipe("teacher", "random", False),
+    "bd3lm": Recipe("corpus", "random", False),
+}
+
+
+def resolve_teacher_path(cfg: RunConfig, log: Callable = print) -> str:
+    """The teacher directory; 'micro' pretrains (or reuses) the cached micro teacher."""
+    if cfg.model.teacher != "micro":
+        return cfg.model.teacher
+    from .pretrain import pretrain_teacher
+
+    return str(pretrain_teacher(cfg.pretrain, cfg.data, log=log))
+
+
+def build_student(cfg: RunConfig, teacher_path: str) -> Student:
+    if cfg.model.student:
+        return load_student(cfg.model.student, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
+    if is_student_dir(teacher_path):
+        raise ValueError(f"model.teacher {teacher_path!r} is a converted student; give the original ARLM")
+    model, tokenizer = load_causal_lm(teacher_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
+    return convert(model, tokenizer, cfg.model.block_size, cfg.model.shift)
+
+
+def encode_prompts(cfg: RunConfig, tokenizer) -> list[list[int]]:
+    """The distillation prompts of the `data` section, as token ids."""
+    from .data import build_prompts, load_corpus
+    from .tasks import TaskSuite
+
+    suite = TaskSuite(cfg.pretrain.num_facts, cfg.pretrain.seed)
+    prompts = build_prompts(cfg.data, tokenizer, suite, load_corpus(cfg.data))
+    return [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class LocalTrainer:
+    def __init__(self, cfg: RunConfig, log: Callable = print):
+        self.cfg, self.log = cfg, log
+        self.recipe = RECIPES[cfg.train.recipe]
+        torch.manual_seed(cfg.train.seed)
+        self.teacher_path = resolve_teacher_path(cfg, log)
+        self.student = build_student(cfg, self.teacher_path)
+        self.teacher = build_teacher(cfg, self.teacher_path)
+        tok = self.student.tokenizer
+        self.pad_id = tok.pad_token_id
+        self.eos_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        self.prompts = encode_prompts(cfg, tok)
+        self.corpus = self._corpus_chunks() if self.recipe.source == "corpus" else None
+        R = cfg.train.rollout_batch_size
+        self.batches_per_epoch = math.ceil(len(self.prompts) / R)
+        per_epoch = self.batches_per_epoch * cfg.train.updates_per_batch
+        self.total_steps = cfg.train.max_steps or per_epoch
+        self.optimizer = torch.optim.AdamW(self.student.model.parameters(), lr=cfg.train.lr,
+                                           weight_decay=cfg.train.weight_decay)
+        t = cfg.train
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, t.warmup_steps, t.lr, t.min_lr))
+        self.out_dir = Path(cfg.train.out_dir)
+        self.step, self.next_batch = 0, 0
+        self.accounting = {"prompts_consumed": 0, "rolled_out": 0, "scored": 0, "trained_on": 0,
+                           "dropped_stale": 0, "retried": 0, "tokens_trained": 0, "sampler_forwards": 0,
+                           "generated_tokens": 0}
+        self.n_student = param_count(self.student.model)
+        self.n_teacher = param_count(self.teacher.model) if hasattr(self.teacher, "model") else self.n_student
+
+    # ---- data -----------------------------------------------------------------------------------
+    def _corpus_chunks(self) -> list[list[int]]:
+        from .data import corpus_chunks, load_corpus
+
+        corpus = load_corpus(self.cfg.data)
+        return corpus_chunks(corpus.heldout_texts, self.student.tokenizer, self.cfg.data.corpus_seq_len,
+                             len(self.prompts), self.cfg.data.seed)
+
+    def batch_indices(self, batch_index: int) -> list[int]:
+        """Prompt indices of a rollout batch: a fresh seeded permutation per epoch."""
+        epoch, within = divmod(batch_index, self.batches_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
+        order = torch.randperm(len(self.prompts), generator=g).tolist()
+        R = self.cfg.train.rollout_batch_size
+        return order[within * R:(within + 1) * R]
+
+    def produce(self, batch_index: int, indices: list[int], gen_len: int) -> tuple[list[Rollout], dict]:
+        """x0 for a rollout batch, from the recipe's source."""
+        cfg, seed = self.cfg, self.cfg.train.seed * 1_000_003 + batch_index
+        stats = {"sampler_forwards": 0}
+        if self.recipe.source == "corpus":
+            bos = self.eos_ids[:1] or [self.pad_id]
+            return [Rollout(bos, self.corpus[i % len(self.corpus)][:gen_len], None, self.step, seed, i)
+                    for i in indices], stats
+        prompts = [self.prompts[i] for i in indices]
+        if self.recipe.source == "teacher":
+            gens = self.teacher.generate(prompts, gen_len, cfg.sampler.temperature, seed)
+            return [Rollout(p, g, None, self.step, seed, i) for p, g, i in zip(prompts, gens, indices)], stats
+        rollouts: list[Rollout] = []
+        self.student.model.eval()
+        size = cfg.sampler.batch_size
+        for lo in range(0, len(prompts), size):
+            out = sample(self.student, prompts[lo:lo + size], cfg.sampler, seed=seed + lo, eos_ids=self.eos_ids,
+                         max_new_tokens=gen_len)
+            stats["sampler_forwards"] += int(out.forwards.sum())
+            rollouts += rollouts_from_sample(out, self.step, indices[lo:lo + size])
+        # Nothing to learn from an empty generation (the model emitted EOS at once and EOS is unsupervised).
+        return [r for r in rollouts if r.tokens], stats
+
+    # ---- optimisation -------------------------------------------------------------------------------
+    def train_step(self, rollouts: list[Rollout], targets) -> dict:
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + self.step)
+        model = self.student.model
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total, loss_sum, supervised = len(rollouts), 0.0, 0
+        for lo in range(0, total, cfg.train.micro_batch_size):
+            chunk = rollouts[lo:lo + cfg.train.micro_batch_size]
+            batch = build_batch(chunk, self.student.spec, self.pad_id, states=self.recipe.states,
+                                eos_ids=self.eos_ids, supervise_eos=cfg.train.supervise_eos,
+                                targets=targets[lo:lo + len(chunk)] if targets is not None else None,
+                                generator=gen).to(self.student.device)
+            supervised += batch.stats["supervised"]
+            logits, _ = self.student.forward(batch.input_ids, batch.positions, batch.allowed)
+            loss = objective(logits, batch, self.student.spec.teacher_vocab_size, cfg.train.divergence,
+                             cfg.train.jsd_beta, cfg.teacher.tail) * (len(chunk) / total)
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        model.eval()
+        return {"loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "supervised_tokens": supervised}
+
+    def run(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
+        metrics_path = self.out_dir / cfg.logging.metrics_file
+        if resume:
+            self._resume(metrics_path)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+        since_ckpt = 0
+        self.log(f"[train] recipe={cfg.train.recipe} steps={self.total_steps} prompts={len(self.prompts)} "
+                 f"student={self.n_student / 1e6:.2f}M params, block={self.student.spec.block_size} "
+                 f"shift={self.student.spec.shift} start_step={self.step}")
+        batch_index = self.next_batch
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            indices = self.batch_indices(batch_index)
+            gen_len = generation_length(batch_index, cfg.curriculum, cfg.sampler.max_new_tokens)
+            rollouts, pstats = self.produce(batch_index, indices, gen_len)
+            t1 = time.perf_counter()
+            targets = None
+            if self.recipe.distill:
+                targets = self.teacher.score([(r.prompt_ids, r.tokens) for r in rollouts])
+            t2 = time.perf_counter()
+            tokens = sum(len(r.tokens) for r in rollouts)
+            acc = self.accounting
+            acc["prompts_consumed"] += len(indices)
+            acc["rolled_out"] += len(rollouts)
+            acc["scored"] += len(rollouts) if targets is not None else 0
+            acc["sampler_forwards"] += pstats["sampler_forwards"]
+            acc["generated_tokens"] += tokens
+            for _ in range(cfg.train.updates_per_batch):
+                if self.step >= self.total_steps:
+                    break
+                t3 = time.perf_counter()
+                stats = self.train_step(rollouts, targets)
+                self.step += 1
+                acc["trained_on"] += len(rollouts)
+                acc["tokens_trained"] += tokens
+                now = time.perf_counter()
+                record = {
+                    "step": self.step, "batch": batch_index, "recipe": cfg.train.recipe, **stats,
+                    "kl": stats["loss"] if self.recipe.distill and cfg.train.divergence == "forward_kl" else None,
+                    "gen_len_limit": gen_len, "mean_gen_len": tokens / max(1, len(rollouts)),
+                    "tokens_trained": acc["tokens_trained"],
+                    "tokens_per_forward": (tokens / pstats["sampler_forwards"]) if pstats["sampler_forwards"] else None,
+                    "rollout_s": t1 - t0, "teacher_s": t2 - t1, "train_s": now - t3, "step_s": now - t0,
+                    **self.flops(),
+                }
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if cfg.logging.progress and self.step % cfg.logging.log_every == 0:
+                    self.log(f"[train] step {self.step}/{self.total_steps} loss {stats['loss']:.4f} "
+                             f"len {record['mean_gen_len']:.1f}/{gen_len} tokens {acc['tokens_trained']} "
+                             f"tok/fwd {record['tokens_per_forward'] or float('nan'):.2f} {record['step_s']:.1f}s")
+            batch_index += 1
+            self.next_batch = batch_index
+            since_ckpt += 1
+            if since_ckpt >= cfg.train.checkpoint_every or self.step >= self.total_steps:
+                self.checkpoint()
+                since_ckpt = 0
+        final = self.student.save(self.out_dir / "final")
+        summary = {"final_student": str(final), "steps": self.step, "accounting": dict(self.accounting),
+                   **self.flops()}
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.log(f"[train] done: {self.step} steps, {self.accounting['tokens_trained']} training tokens, "
+                 f"student saved to {final}")
+        return summary
+
+    def flops(self) -> dict:
+        acc = self.accounting
+        paper = 2 * self.n_teacher * acc["tokens_trained"] + 6 * self.n_student * acc["tokens_trained"]
+        sampler = 2 * self.n_student * acc["sampler_forwards"] * self.student.spec.block_size
+        return {"flops_paper": paper, "flops_with_sampler": paper + sampler}
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def checkpoint(self) -> Path:
+        """Write model, optimiser, scheduler, RNG, data position and accounting atomically."""
+        root = self.ckpt_root
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"step_{self.step:07d}"
+        tmp = root / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self.student.save(tmp / "student")
+        torch.save({
+            "step": self.step, "next_batch": self.next_batch, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "accounting": dict(self.accounting), "config": dump_config(self.cfg),
+        }, tmp / "trainer_state.pt")
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = root / ".latest.json.tmp"
+        latest_tmp.write_text(json.dumps({"checkpoint": name, "step": self.step}))
+        os.replace(latest_tmp, root / "latest.json")
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-self.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _resume(self, metrics_path: Path) -> None:
+        latest = self.ckpt_root / "latest.json"
+        if not latest.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_root}; run without --resume to start")
+        ckpt = self.ckpt_root / json.loads(latest.read_text())["checkpoint"]
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        loaded = load_student(ckpt / "student", self.cfg.model.dtype, self.cfg.model.device,
+                              self.cfg.model.attn_implementation)
+        self.student.model.load_state_dict(loaded.model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.next_batch = state["step"], state["next_batch"]
+        self.accounting = dict(state["accounting"])
+        if metrics_path.exists():
+            # Lines written after the checkpoint belong to work that will be redone.
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            metrics_path.write_text("".join(k + "\n" for k in kept))
+        self.log(f"[train] resumed from {ckpt.name}: step {self.step}, next rollout batch {self.next_batch}")
+
+
+def train(cfg: RunConfig, resume: bool = False, log: Callable = print) -> dict:
+    return LocalTrainer(cfg, log).run(resume=resume)
