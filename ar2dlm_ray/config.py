@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -30,18 +30,15 @@ class ModelConfig(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
-    @model_validator(mode="after")
-    def _paths_exist(self) -> "ModelConfig":
-        for key in ("teacher", "student"):
-            value = getattr(self, key)
-            if value is None or value == "micro" and key == "teacher":
-                continue
-            if not _is_local_or_hub(value):
-                raise ValueError(
-                    f"{key}: no such directory {value!r}; give an existing Hugging Face model directory"
-                    + (" or 'micro' (the built-in micro teacher)" if key == "teacher" else "")
-                )
-        return self
+    @field_validator("teacher", "student")
+    @classmethod
+    def _path_exists(cls, value: str | None, info):
+        if value is None or (value == "micro" and info.field_name == "teacher"):
+            return value
+        if not _is_local_or_hub(value):
+            hint = " or 'micro' (the built-in micro teacher)" if info.field_name == "teacher" else ""
+            raise ValueError(f"no such directory {value!r}; give an existing Hugging Face model directory{hint}")
+        return value
 
 
 def _is_local_or_hub(value: str) -> bool:

@@ -1,0 +1,51 @@
+"""Bad configurations stop with one clear message naming the key, before any model is loaded."""
+
+import pytest
+
+from ar2dlm_ray.cli import main
+from ar2dlm_ray.config import ConfigError, load_config
+
+MICRO = "configs/micro.yaml"
+
+
+def test_micro_config_loads_and_overrides_apply():
+    cfg = load_config(MICRO, ["train.lr=2e-4", "sampler.remasking=static", "curriculum.enabled=false"])
+    assert cfg.train.lr == 2e-4 and cfg.sampler.remasking == "static" and not cfg.curriculum.enabled
+
+
+@pytest.mark.parametrize("override,key,words", [
+    ("model.block_size=0", "model.block_size", "greater than 0"),
+    ("sampler.threshold=1.5", "sampler.threshold", "less than 1"),
+    ("model.teacher=/no/such/dir", "model.teacher", "no such directory"),
+    ("train.recipe=magic", "train.recipe", "opdlm"),
+    ("train.lrr=1", "train.lrr", "unknown key"),
+    ("sampler.temperature=hot", "sampler.temperature", "number"),
+    ("curriculum.min_len=100", "curriculum", "min_len"),
+])
+def test_bad_values_name_the_key(override, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(MICRO, [override])
+    msg = str(err.value)
+    assert key in msg and words in msg, msg
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(MICRO, ["train.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.yaml")
+
+
+def test_cli_reports_config_errors_without_loading_models(capsys):
+    assert main(["train", "--config", MICRO, "model.block_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "model.block_size" in err and "Traceback" not in err
+
+
+def test_cli_rejects_bad_inputs(capsys, tmp_path):
+    assert main(["convert", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["convert", "--model", str(tmp_path), "--out", str(tmp_path / "s"), "--block-size", "0"]) == 2
+    assert "--block-size" in capsys.readouterr().err
+    assert main(["sample", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "not a student directory" in capsys.readouterr().err
