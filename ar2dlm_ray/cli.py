@@ -134,6 +134,29 @@ def cmd_demo(args) -> None:
          f"total {result['wall_s']:.0f}s; results in {out_dir / 'demo_results.json'}")
 
 
+def cmd_bench(args) -> None:
+    from .bench import bench_sampler
+    from .student import load_student
+    from .trainer import build_student, resolve_teacher_path
+
+    cfg = load_config(args.config, args.overrides)
+    if args.what != "sampler":
+        raise ConfigError(f"unknown benchmark {args.what!r}; available: sampler")
+    if args.model:
+        student = load_student(args.model, cfg.model.dtype, cfg.model.device)
+    else:
+        student = build_student(cfg, resolve_teacher_path(cfg, _log))
+    from .data import load_corpus, text_prompts
+
+    texts = text_prompts(load_corpus(cfg.data).heldout_texts, student.tokenizer, args.batch, cfg.data.prompt_tokens, 0)
+    prompts = [student.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    sampler = cfg.sampler.model_copy(update={"max_new_tokens": args.max_new_tokens})
+    result = bench_sampler(student, prompts, sampler, args.repeats)
+    _log(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
 def _add_overrides(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-4")
 
@@ -186,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG, help="evaluation settings (eval, data, pretrain sections)")
     _add_overrides(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="rerunnable benchmarks (ratios measured side by side in one run)")
+    p.add_argument("what", choices=["sampler"], help="sampler: KV-cached decoding vs full recomputation")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--model", default=None, help="a student directory; default: convert the config's teacher")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="also write the result JSON here")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the main job: pretrain/reuse teacher, convert, train, evaluate, print table")
     p.add_argument("--config", default=DEFAULT_CONFIG)

@@ -188,6 +188,7 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
             frac = (step - warmup) / max(1, pcfg.steps - warmup)
             return pcfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
+        probe = suite.heldout_examples(64, seed=pcfg.seed + 1)
         model.train()
         t_train, window, losses = time.time(), [], []
         every = max(1, min(100, pcfg.steps // 10))
@@ -205,6 +206,8 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
             if (step + 1) % every == 0 or step + 1 == pcfg.steps:
                 log(f"[pretrain] step {step + 1}/{pcfg.steps} loss {sum(window) / len(window):.3f} "
                     f"lr {lr_at(step):.2e} elapsed {time.time() - t0:.0f}s")
+                if (step + 1) % (4 * every) == 0 and step + 1 < pcfg.steps:  # cheap progress probe
+                    log(f"[pretrain] step {step + 1} accuracy {teacher_accuracy(model, tokenizer, probe)}")
                 window = []
         train_s = time.time() - t_train
 
