@@ -10,39 +10,22 @@ data order and the same rollouts.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .config import RunConfig, dump_config
-from .curriculum import generation_length, lr_factor
-from .losses import objective
-from .sampler import sample
-from .states import Rollout, build_batch, rollouts_from_sample
+from .curriculum import generation_length
+from .learner import Learner
+from .rollout import (RECIPES, PromptOrder, corpus_rollouts, encode_prompts, rollout_seed, student_rollouts,
+                      teacher_rollouts)
+from .states import Rollout
 from .student import Student, convert, is_student_dir, load_causal_lm, load_student
 from .teacher import build_teacher
-
-
-@dataclass(frozen=True)
-class Recipe:
-    source: str  # where x0 comes from: student | teacher | corpus
-    states: str  # trajectory | random
-    distill: bool  # teacher soft targets (True) or the true token with weight 1/t (False)
-
-
-RECIPES = {
-    "opdlm": Recipe("student", "trajectory", True),
-    "opdlm_off": Recipe("student", "random", True),
-    "kd_off": Recipe("teacher", "random", True),
-    "sft": Recipe("teacher", "random", False),
-    "bd3lm": Recipe("corpus", "random", False),
-}
 
 
 def resolve_teacher_path(cfg: RunConfig, log: Callable = print) -> str:
@@ -63,16 +46,6 @@ def build_student(cfg: RunConfig, teacher_path: str) -> Student:
     return convert(model, tokenizer, cfg.model.block_size, cfg.model.shift)
 
 
-def encode_prompts(cfg: RunConfig, tokenizer) -> list[list[int]]:
-    """The distillation prompts of the `data` section, as token ids."""
-    from .data import build_prompts, load_corpus
-    from .tasks import TaskSuite
-
-    suite = TaskSuite(cfg.pretrain.num_facts, cfg.pretrain.seed)
-    prompts = build_prompts(cfg.data, tokenizer, suite, load_corpus(cfg.data))
-    return [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-
-
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -89,16 +62,16 @@ class LocalTrainer:
         self.pad_id = tok.pad_token_id
         self.eos_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
         self.prompts = encode_prompts(cfg, tok)
-        self.corpus = self._corpus_chunks() if self.recipe.source == "corpus" else None
-        R = cfg.train.rollout_batch_size
-        self.batches_per_epoch = math.ceil(len(self.prompts) / R)
-        per_epoch = self.batches_per_epoch * cfg.train.updates_per_batch
+        self.corpus = None
+        if self.recipe.source == "corpus":
+            from .data import corpus_chunks, load_corpus
+
+            self.corpus = corpus_chunks(load_corpus(cfg.data).heldout_texts, tok, cfg.data.corpus_seq_len,
+                                        len(self.prompts), cfg.data.seed)
+        self.order = PromptOrder(len(self.prompts), cfg.train.rollout_batch_size, cfg.train.seed)
+        per_epoch = self.order.batches_per_epoch * cfg.train.updates_per_batch
         self.total_steps = cfg.train.max_steps or per_epoch
-        self.optimizer = torch.optim.AdamW(self.student.model.parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay)
-        t = cfg.train
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, t.warmup_steps, t.lr, t.min_lr))
+        self.learner = Learner(self.student, cfg, self.total_steps)
         self.out_dir = Path(cfg.train.out_dir)
         self.step, self.next_batch = 0, 0
         self.accounting = {"prompts_consumed": 0, "rolled_out": 0, "scored": 0, "trained_on": 0,
@@ -107,71 +80,17 @@ class LocalTrainer:
         self.n_student = param_count(self.student.model)
         self.n_teacher = param_count(self.teacher.model) if hasattr(self.teacher, "model") else self.n_student
 
-    # ---- data -----------------------------------------------------------------------------------
-    def _corpus_chunks(self) -> list[list[int]]:
-        from .data import corpus_chunks, load_corpus
-
-        corpus = load_corpus(self.cfg.data)
-        return corpus_chunks(corpus.heldout_texts, self.student.tokenizer, self.cfg.data.corpus_seq_len,
-                             len(self.prompts), self.cfg.data.seed)
-
-    def batch_indices(self, batch_index: int) -> list[int]:
-        """Prompt indices of a rollout batch: a fresh seeded permutation per epoch."""
-        epoch, within = divmod(batch_index, self.batches_per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
-        order = torch.randperm(len(self.prompts), generator=g).tolist()
-        R = self.cfg.train.rollout_batch_size
-        return order[within * R:(within + 1) * R]
-
     def produce(self, batch_index: int, indices: list[int], gen_len: int) -> tuple[list[Rollout], dict]:
         """x0 for a rollout batch, from the recipe's source."""
-        cfg, seed = self.cfg, self.cfg.train.seed * 1_000_003 + batch_index
-        stats = {"sampler_forwards": 0}
+        seed = rollout_seed(self.cfg.train.seed, batch_index)
         if self.recipe.source == "corpus":
-            bos = self.eos_ids[:1] or [self.pad_id]
-            return [Rollout(bos, self.corpus[i % len(self.corpus)][:gen_len], None, self.step, seed, i)
-                    for i in indices], stats
+            bos = self.eos_ids[0] if self.eos_ids else self.pad_id
+            return corpus_rollouts(self.corpus, bos, indices, gen_len, seed), {"sampler_forwards": 0}
         prompts = [self.prompts[i] for i in indices]
         if self.recipe.source == "teacher":
-            gens = self.teacher.generate(prompts, gen_len, cfg.sampler.temperature, seed)
-            return [Rollout(p, g, None, self.step, seed, i) for p, g, i in zip(prompts, gens, indices)], stats
-        rollouts: list[Rollout] = []
-        self.student.model.eval()
-        size = cfg.sampler.batch_size
-        for lo in range(0, len(prompts), size):
-            out = sample(self.student, prompts[lo:lo + size], cfg.sampler, seed=seed + lo, eos_ids=self.eos_ids,
-                         max_new_tokens=gen_len)
-            stats["sampler_forwards"] += int(out.forwards.sum())
-            rollouts += rollouts_from_sample(out, self.step, indices[lo:lo + size])
-        # Nothing to learn from an empty generation (the model emitted EOS at once and EOS is unsupervised).
-        return [r for r in rollouts if r.tokens], stats
-
-    # ---- optimisation -------------------------------------------------------------------------------
-    def train_step(self, rollouts: list[Rollout], targets) -> dict:
-        cfg = self.cfg
-        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + self.step)
-        model = self.student.model
-        model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        total, loss_sum, supervised = len(rollouts), 0.0, 0
-        for lo in range(0, total, cfg.train.micro_batch_size):
-            chunk = rollouts[lo:lo + cfg.train.micro_batch_size]
-            batch = build_batch(chunk, self.student.spec, self.pad_id, states=self.recipe.states,
-                                eos_ids=self.eos_ids, supervise_eos=cfg.train.supervise_eos,
-                                targets=targets[lo:lo + len(chunk)] if targets is not None else None,
-                                generator=gen).to(self.student.device)
-            supervised += batch.stats["supervised"]
-            logits, _ = self.student.forward(batch.input_ids, batch.positions, batch.allowed)
-            loss = objective(logits, batch, self.student.spec.teacher_vocab_size, cfg.train.divergence,
-                             cfg.train.jsd_beta, cfg.teacher.tail) * (len(chunk) / total)
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        model.eval()
-        return {"loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "supervised_tokens": supervised}
+            return teacher_rollouts(self.teacher, prompts, indices, self.cfg, gen_len, seed), {"sampler_forwards": 0}
+        rollouts, forwards = student_rollouts(self.student, prompts, indices, self.cfg, gen_len, seed, self.step)
+        return rollouts, {"sampler_forwards": forwards}
 
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
@@ -189,7 +108,7 @@ class LocalTrainer:
         batch_index = self.next_batch
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            indices = self.batch_indices(batch_index)
+            indices = self.order.indices(batch_index)
             gen_len = generation_length(batch_index, cfg.curriculum, cfg.sampler.max_new_tokens)
             rollouts, pstats = self.produce(batch_index, indices, gen_len)
             t1 = time.perf_counter()
@@ -208,7 +127,7 @@ class LocalTrainer:
                 if self.step >= self.total_steps:
                     break
                 t3 = time.perf_counter()
-                stats = self.train_step(rollouts, targets)
+                stats = self.learner.train_step(rollouts, targets, self.step)
                 self.step += 1
                 acc["trained_on"] += len(rollouts)
                 acc["tokens_trained"] += tokens
@@ -263,8 +182,7 @@ class LocalTrainer:
         tmp.mkdir()
         self.student.save(tmp / "student")
         torch.save({
-            "step": self.step, "next_batch": self.next_batch, "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "step": self.step, "next_batch": self.next_batch, **self.learner.state_dict(), "rng": torch.get_rng_state(),
             "accounting": dict(self.accounting), "config": dump_config(self.cfg),
         }, tmp / "trainer_state.pt")
         final = root / name
@@ -286,8 +204,7 @@ class LocalTrainer:
         loaded = load_student(ckpt / "student", self.cfg.model.dtype, self.cfg.model.device,
                               self.cfg.model.attn_implementation)
         self.student.model.load_state_dict(loaded.model.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.learner.load_state_dict(state)
         torch.set_rng_state(state["rng"])
         self.step, self.next_batch = state["step"], state["next_batch"]
         self.accounting = dict(state["accounting"])
