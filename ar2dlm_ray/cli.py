@@ -80,7 +80,7 @@ def _eval_models(cfg, student_dir: str | None, teacher_dir: str):
     from .teacher import HFTeacher
 
     teacher = HFTeacher.load(teacher_dir, None, cfg.teacher.batch_size, cfg.model.dtype, cfg.model.device)
-    data = EvalData(cfg, teacher.tokenizer)
+    data = EvalData(cfg, teacher.tokenizer, teacher_dir)
     if student_dir is None:
         return evaluate_teacher(teacher, cfg, data)
     student = load_student(student_dir, cfg.model.dtype, cfg.model.device)
@@ -116,7 +116,7 @@ def cmd_demo(args) -> None:
     trainer = LocalTrainer(cfg, _log)
     before_dir = trainer.student.save(out_dir / "student_before")
     teacher = HFTeacher(trainer.teacher.model, trainer.teacher.tokenizer, None, cfg.teacher.batch_size)
-    data = EvalData(cfg, teacher.tokenizer)
+    data = EvalData(cfg, teacher.tokenizer, teacher_path)
     rows = {"teacher (AR)": evaluate_teacher(teacher, cfg, data)}
     _log("[demo] evaluated the teacher")
     rows["student before"] = evaluate_student(trainer.student, teacher, cfg, data)

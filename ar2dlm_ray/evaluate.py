@@ -96,12 +96,12 @@ def on_policy_kl(student: Student, teacher, prompts: list[list[int]], cfg: Sampl
 class EvalData:
     """The fixed evaluation inputs derived from a run configuration (same for every model compared)."""
 
-    def __init__(self, cfg: RunConfig, tokenizer):
+    def __init__(self, cfg: RunConfig, tokenizer, teacher_path: str | None = None):
         from .data import corpus_chunks, load_corpus, text_prompts
-        from .tasks import TaskSuite
+        from .rollout import task_suite_for
 
         ev = cfg.eval
-        self.examples = TaskSuite(cfg.pretrain.num_facts, cfg.pretrain.seed).heldout_examples(ev.num_task_prompts, ev.seed)
+        self.examples = task_suite_for(cfg, teacher_path).heldout_examples(ev.num_task_prompts, ev.seed)
         corpus = load_corpus(cfg.data)
         texts = text_prompts(corpus.heldout_texts, tokenizer, ev.num_text_prompts, cfg.data.prompt_tokens, ev.seed)
         self.text_prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]

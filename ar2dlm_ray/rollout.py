@@ -30,12 +30,26 @@ RECIPES = {
 }
 
 
-def encode_prompts(cfg: RunConfig, tokenizer) -> list[list[int]]:
-    """The distillation prompts of the `data` section, as token ids."""
-    from .data import build_prompts, load_corpus
+def task_suite_for(cfg: RunConfig, teacher_path: str | None = None):
+    """The task suite a teacher was pretrained with (from its pretrain report), else the config's."""
+    import json
+    from pathlib import Path
+
     from .tasks import TaskSuite
 
-    suite = TaskSuite(cfg.pretrain.num_facts, cfg.pretrain.seed)
+    num_facts, seed = cfg.pretrain.num_facts, cfg.pretrain.seed
+    report = Path(teacher_path) / "pretrain_report.json" if teacher_path else None
+    if report is not None and report.is_file():
+        pcfg = json.loads(report.read_text())["config"]
+        num_facts, seed = pcfg["num_facts"], pcfg["seed"]
+    return TaskSuite(num_facts, seed)
+
+
+def encode_prompts(cfg: RunConfig, tokenizer, teacher_path: str | None = None) -> list[list[int]]:
+    """The distillation prompts of the `data` section, as token ids."""
+    from .data import build_prompts, load_corpus
+
+    suite = task_suite_for(cfg, teacher_path)
     prompts = build_prompts(cfg.data, tokenizer, suite, load_corpus(cfg.data))
     return [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 

@@ -61,7 +61,7 @@ class LocalTrainer:
         tok = self.student.tokenizer
         self.pad_id = tok.pad_token_id
         self.eos_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        self.prompts = encode_prompts(cfg, tok)
+        self.prompts = encode_prompts(cfg, tok, self.teacher_path)
         self.corpus = None
         if self.recipe.source == "corpus":
             from .data import corpus_chunks, load_corpus

@@ -36,7 +36,7 @@ def test_opdlm_lowers_on_policy_kl(micro_teacher, tmp_path):
     cfg = load_config("configs/micro.yaml", _overrides(micro_teacher, tmp_path, **{
         "train.max_steps": 24, "train.lr": 2e-3, "train.min_lr": 2e-4, "train.warmup_steps": 2}))
     trainer = LocalTrainer(cfg, log=lambda *a: None)
-    data = EvalData(cfg, trainer.student.tokenizer)
+    data = EvalData(cfg, trainer.student.tokenizer, micro_teacher)
     prompts = data.text_prompts + [trainer.student.tokenizer.encode(e.prompt) for e in data.examples[:16]]
 
     def kl():
