@@ -59,7 +59,10 @@ def cmd_sample(args) -> None:
 def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)
     if cfg.mode == "ray":
-        raise ConfigError("mode=ray needs the Ray system, which is not part of this release; use mode=local")
+        from .cluster.driver import train as ray_train
+
+        ray_train(cfg, resume=args.resume, log=_log)
+        return
     from .trainer import train
 
     train(cfg, resume=args.resume, log=_log)

@@ -62,11 +62,23 @@ class SamplerConfig(_Strict):
     batch_size: int = Field(16, gt=0)
 
 
+class PoolResources(_Strict):
+    """Where the actors of one pool run (mode=ray): Ray's scheduling resources and restarts."""
+
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {teacher_node: 1}")
+    labels: dict[str, str] = Field(default_factory=dict, description="Ray node label selector")
+    max_restarts: int = Field(3, ge=-1, description="restarts of a dead actor (-1: unlimited)")
+
+
 class TeacherConfig(_Strict):
     backend: Literal["hf", "vllm"] = "hf"
     top_k: int | None = Field(None, gt=0, description="None: full vocabulary targets")
     tail: bool = Field(True, description="keep 1 - sum(top-k) as an extra bin in the truncated KL")
     batch_size: int = Field(16, gt=0)
+    num_replicas: int = Field(1, gt=0, description="mode=ray: teacher servers; requests go round-robin")
+    pool: PoolResources = Field(default_factory=PoolResources)
 
 
 class CurriculumConfig(_Strict):
@@ -159,6 +171,43 @@ class LoggingConfig(_Strict):
     log_every: int = Field(1, gt=0)
 
 
+class RolloutPoolConfig(PoolResources):
+    """mode=ray: the rollout workers (a student copy and the sampler each)."""
+
+    num_workers: int = Field(1, gt=0)
+
+
+class LearnerGroupConfig(PoolResources):
+    """mode=ray: the learner actors (one torch.distributed group) and weight publication."""
+
+    num_workers: int = Field(1, gt=0)
+    max_restarts: int = Field(0, ge=-1, description="a learner restart loses the process group; resume instead")
+    publish_every: int = Field(1, gt=0, description="optimiser steps between published weight versions")
+    max_staleness: int = Field(1, ge=0, description="oldest trained-on rollout, in versions behind the learner")
+    stale_policy: Literal["drop", "regenerate"] = "drop"
+    transport: Literal["object_store", "collective"] = "object_store"
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, else gloo")
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "LearnerGroupConfig":
+        if self.max_staleness < self.publish_every - 1:
+            raise ValueError(f"max_staleness ({self.max_staleness}) must be >= publish_every - 1 "
+                             f"({self.publish_every - 1}): between publications rollouts fall that far behind")
+        return self
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="cluster address; default: $RAY_ADDRESS, else an embedded Ray")
+    namespace: str = "ar2dlm"
+    include_dashboard: bool = True
+    dashboard_host: str = Field("127.0.0.1", description="embedded Ray: where the dashboard listens")
+    num_cpus: int | None = Field(None, gt=0, description="embedded Ray: logical CPUs (default: the machine's)")
+    metrics_export_port: int | None = Field(None, gt=0, description="embedded Ray: Prometheus export port")
+    queue_size: int = Field(4, gt=0, description="rollout batches buffered between producers and learners")
+    actor_threads: int = Field(1, gt=0, description="torch threads per actor")
+    timeout_s: float = Field(900.0, gt=0, description="longest wait for a rollout batch or a learner step")
+
+
 class RunConfig(_Strict):
     mode: Literal["local", "ray"] = "local"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -170,6 +219,9 @@ class RunConfig(_Strict):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    rollout: RolloutPoolConfig = Field(default_factory=RolloutPoolConfig)
+    learner: LearnerGroupConfig = Field(default_factory=LearnerGroupConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -24,6 +24,8 @@ class Learner:
         self.optimizer = torch.optim.AdamW(student.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.lr, t.min_lr))
+        # Called between backward and clipping; data-parallel learners all-reduce gradients here.
+        self.grad_hook = None
 
     def train_step(self, rollouts: list[Rollout], targets, step: int) -> dict:
         """One optimiser step over all rollouts (gradient accumulation over micro-batches).
@@ -48,6 +50,8 @@ class Learner:
                              cfg.train.jsd_beta, cfg.teacher.tail) * (len(chunk) / total)
             loss.backward()
             loss_sum += loss.item()
+        if self.grad_hook is not None:
+            self.grad_hook()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()

@@ -50,6 +50,13 @@ def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def flops(acc: dict, n_teacher: int, n_student: int, block_size: int) -> dict:
+    """Training FLOPs as the paper counts them, and including the sampler's forwards."""
+    paper = 2 * n_teacher * acc["tokens_trained"] + 6 * n_student * acc["tokens_trained"]
+    sampler = 2 * n_student * acc["sampler_forwards"] * block_size
+    return {"flops_paper": paper, "flops_with_sampler": paper + sampler}
+
+
 class LocalTrainer:
     def __init__(self, cfg: RunConfig, log: Callable = print):
         self.cfg, self.log = cfg, log
@@ -162,10 +169,7 @@ class LocalTrainer:
         return summary
 
     def flops(self) -> dict:
-        acc = self.accounting
-        paper = 2 * self.n_teacher * acc["tokens_trained"] + 6 * self.n_student * acc["tokens_trained"]
-        sampler = 2 * self.n_student * acc["sampler_forwards"] * self.student.spec.block_size
-        return {"flops_paper": paper, "flops_with_sampler": paper + sampler}
+        return flops(self.accounting, self.n_teacher, self.n_student, self.student.spec.block_size)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     @property
@@ -174,33 +178,13 @@ class LocalTrainer:
 
     def checkpoint(self) -> Path:
         """Write model, optimiser, scheduler, RNG, data position and accounting atomically."""
-        root = self.ckpt_root
-        root.mkdir(parents=True, exist_ok=True)
-        name = f"step_{self.step:07d}"
-        tmp = root / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        self.student.save(tmp / "student")
-        torch.save({
+        return write_checkpoint(self.ckpt_root, self.step, self.student.save, {
             "step": self.step, "next_batch": self.next_batch, **self.learner.state_dict(), "rng": torch.get_rng_state(),
             "accounting": dict(self.accounting), "config": dump_config(self.cfg),
-        }, tmp / "trainer_state.pt")
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest_tmp = root / ".latest.json.tmp"
-        latest_tmp.write_text(json.dumps({"checkpoint": name, "step": self.step}))
-        os.replace(latest_tmp, root / "latest.json")
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-self.cfg.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        }, self.cfg.train.keep_checkpoints)
 
     def _resume(self, metrics_path: Path) -> None:
-        latest = self.ckpt_root / "latest.json"
-        if not latest.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_root}; run without --resume to start")
-        ckpt = self.ckpt_root / json.loads(latest.read_text())["checkpoint"]
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        ckpt, state = read_checkpoint(self.ckpt_root)
         loaded = load_student(ckpt / "student", self.cfg.model.dtype, self.cfg.model.device,
                               self.cfg.model.attn_implementation)
         self.student.model.load_state_dict(loaded.model.state_dict())
@@ -208,11 +192,44 @@ class LocalTrainer:
         torch.set_rng_state(state["rng"])
         self.step, self.next_batch = state["step"], state["next_batch"]
         self.accounting = dict(state["accounting"])
-        if metrics_path.exists():
-            # Lines written after the checkpoint belong to work that will be redone.
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            metrics_path.write_text("".join(k + "\n" for k in kept))
+        trim_metrics(metrics_path, self.step)
         self.log(f"[train] resumed from {ckpt.name}: step {self.step}, next rollout batch {self.next_batch}")
+
+
+# ---- checkpoint format (shared with the Ray driver) -----------------------------------------------------
+def write_checkpoint(root: Path, step: int, save_student: Callable[[Path], object], state: dict, keep: int) -> Path:
+    """`root/step_N/{student/, trainer_state.pt}` written atomically, `root/latest.json`, and pruning."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    tmp = root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_student(tmp / "student")
+    torch.save(state, tmp / "trainer_state.pt")
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = root / ".latest.json.tmp"
+    latest_tmp.write_text(json.dumps({"checkpoint": name, "step": step}))
+    os.replace(latest_tmp, root / "latest.json")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(root: Path) -> tuple[Path, dict]:
+    latest = root / "latest.json"
+    if not latest.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {root}; run without --resume to start")
+    ckpt = root / json.loads(latest.read_text())["checkpoint"]
+    return ckpt, torch.load(ckpt / "trainer_state.pt", weights_only=False)
+
+
+def trim_metrics(metrics_path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint: that work will be redone."""
+    if metrics_path.exists():
+        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        metrics_path.write_text("".join(k + "\n" for k in kept))
 
 
 def train(cfg: RunConfig, resume: bool = False, log: Callable = print) -> dict:

@@ -1,0 +1,280 @@
+"""The actors: thin shells around the core modules (rollout.py, teacher.py, learner.py).
+
+- TeacherServer: a frozen teacher backend (`build_teacher`) answering `score` and `generate`.
+- RolloutWorker: a student copy; `produce(batch_index, min_version)` adopts the newest weights (at least
+  `min_version`), rolls out with the core sources, has the teacher score the result and puts one item
+  on the queue.
+- LearnerWorker: one rank of the learner group; `train(step)` takes a rollout batch from the queue,
+  checks its staleness and runs `Learner.train_step`; rank 0 publishes weights.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+from ray.util.queue import Empty
+
+from ..curriculum import generation_length
+from ..learner import Learner
+from ..rollout import RECIPES, PromptOrder, corpus_rollouts, encode_prompts, rollout_seed, student_rollouts, \
+    teacher_rollouts
+from ..teacher import build_teacher
+from ..trainer import build_student, param_count
+from .metrics import Metrics
+from .weights import REGISTRY_NAME, build_transport
+
+
+def _setup_process(threads: int) -> None:
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()  # per-actor progress bars flood the job log
+
+
+def _where() -> dict:
+    return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+class TeacherServer:
+    def __init__(self, cfg, teacher_path: str):
+        _setup_process(cfg.ray.actor_threads)
+        self.backend = build_teacher(cfg, teacher_path)
+        self.metrics = Metrics("teacher")
+
+    def info(self) -> dict:
+        model = getattr(self.backend, "model", None)
+        return {**_where(), "params": param_count(model) if model is not None else None}
+
+    def score(self, pairs):
+        start = time.perf_counter()
+        out = self.backend.score(pairs)
+        self.metrics.set("teacher_tokens_per_s", sum(len(p) + len(g) for p, g in pairs) / (time.perf_counter() - start))
+        return out
+
+    def generate(self, prompts, max_new_tokens: int, temperature: float, seed: int):
+        return self.backend.generate(prompts, max_new_tokens, temperature, seed)
+
+
+class TeacherClient:
+    """The teacher pool as one backend: requests go round-robin over the replicas; a request whose
+    replica died is retried on the next one while Ray restarts it."""
+
+    def __init__(self, handles: list, start: int = 0, attempts: int = 8):
+        self.handles, self.next, self.attempts = handles, start, attempts
+        self.retries = 0
+
+    def _call(self, method: str, *args):
+        for attempt in range(self.attempts):
+            handle = self.handles[self.next % len(self.handles)]
+            self.next += 1
+            try:
+                return ray.get(getattr(handle, method).remote(*args))
+            except RayActorError:
+                if attempt == self.attempts - 1:
+                    raise
+                self.retries += 1
+                time.sleep(min(2.0, 0.1 * 2 ** attempt))
+
+    def score(self, pairs):
+        return self._call("score", pairs)
+
+    def generate(self, prompts, max_new_tokens, temperature, seed):
+        return self._call("generate", prompts, max_new_tokens, temperature, seed)
+
+
+class RolloutWorker:
+    def __init__(self, cfg, teacher_path: str, index: int, teacher_names: list[str], queue):
+        _setup_process(cfg.ray.actor_threads)
+        self.cfg, self.index, self.queue = cfg, index, queue
+        self.recipe = RECIPES[cfg.train.recipe]
+        self.student = build_student(cfg, teacher_path)
+        tok = self.student.tokenizer
+        self.prompts = encode_prompts(cfg, tok, teacher_path)
+        self.order = PromptOrder(len(self.prompts), cfg.train.rollout_batch_size, cfg.train.seed)
+        self.bos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+        self.corpus = None
+        if self.recipe.source == "corpus":
+            from ..data import corpus_chunks, load_corpus
+
+            self.corpus = corpus_chunks(load_corpus(cfg.data).heldout_texts, tok, cfg.data.corpus_seq_len,
+                                        len(self.prompts), cfg.data.seed)
+        self.teacher = TeacherClient([ray.get_actor(n) for n in teacher_names], start=index)
+        self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
+        self.version = -1  # always adopt the learner's first publication, so both start from the same weights
+        self.metrics = Metrics("rollout")
+
+    def info(self) -> dict:
+        return {**_where(), "num_prompts": len(self.prompts), "params": param_count(self.student.model),
+                "block_size": self.student.spec.block_size}
+
+    def produce(self, batch_index: int, min_version: int, to_queue: bool = True) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.version = self.transport.receive(self.student.model, self.version, min_version, cfg.ray.timeout_s)
+        t1 = time.perf_counter()
+        indices = self.order.indices(batch_index)
+        gen_len = generation_length(batch_index, cfg.curriculum, cfg.sampler.max_new_tokens)
+        seed = rollout_seed(cfg.train.seed, batch_index)
+        forwards = 0
+        if self.recipe.source == "corpus":
+            rollouts = corpus_rollouts(self.corpus, self.bos, indices, gen_len, seed)
+        elif self.recipe.source == "teacher":
+            rollouts = teacher_rollouts(self.teacher, [self.prompts[i] for i in indices], indices, cfg, gen_len, seed)
+        else:
+            rollouts, forwards = student_rollouts(self.student, [self.prompts[i] for i in indices], indices, cfg,
+                                                  gen_len, seed, self.version)
+        t2 = time.perf_counter()
+        retries_before = self.teacher.retries
+        targets = self.teacher.score([(r.prompt_ids, r.tokens) for r in rollouts]) if self.recipe.distill else None
+        t3 = time.perf_counter()
+        tokens = sum(len(r.tokens) for r in rollouts)
+        stats = {"batch": batch_index, "version": self.version, "worker": self.index, "gen_len": gen_len,
+                 "prompts_consumed": len(indices), "rolled_out": len(rollouts),
+                 "scored": len(rollouts) if targets is not None else 0, "sampler_forwards": forwards,
+                 "generated_tokens": tokens, "retried": self.teacher.retries - retries_before,
+                 "weights_s": t1 - t0, "rollout_s": t2 - t1, "teacher_s": t3 - t2}
+        self.metrics.inc("rollouts_total", len(rollouts))
+        self.metrics.set("rollouts_per_s", len(rollouts) / max(t2 - t1, 1e-9))
+        self.metrics.set("generated_tokens_per_s", tokens / max(t2 - t1, 1e-9))
+        self.metrics.inc("retries_total", stats["retried"])
+        item = {"rollouts": rollouts, "targets": targets, "stats": stats}
+        if not to_queue:
+            return item
+        self.queue.put(item, timeout=cfg.ray.timeout_s)
+        return stats
+
+
+STARVED_S = 2.0  # a learner waiting longer for a batch hands control back to the driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class LearnerWorker:
+    def __init__(self, cfg, teacher_path: str, rank: int, world: int, total_steps: int, queue,
+                 worker_names: list[str]):
+        _setup_process(cfg.ray.actor_threads)
+        torch.manual_seed(cfg.train.seed)
+        self.cfg, self.rank, self.world, self.queue = cfg, rank, world, queue
+        self.student = build_student(cfg, teacher_path)
+        self.learner = Learner(self.student, cfg, total_steps)
+        self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
+        self.worker_names = worker_names
+        self.item, self.uses = None, 0
+        self.metrics = Metrics("learner")
+
+    def info(self) -> dict:
+        return {**_where(), "params": param_count(self.student.model)}
+
+    # ---- process group ----------------------------------------------------------------------------
+    def rendezvous(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def init_group(self, addr: str, port: int) -> None:
+        import torch.distributed as dist
+
+        backend = self.cfg.learner.backend
+        if backend == "auto":
+            backend = "nccl" if self.student.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world)
+        with torch.no_grad():  # every rank starts from rank 0's weights
+            for p in self.student.model.parameters():
+                dist.broadcast(p.data, 0)
+        self.learner.grad_hook = self._all_reduce_grads
+
+    def _all_reduce_grads(self) -> None:
+        """DDP's averaging in one flat bucket: each rank trained on its own rollout batch."""
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        params = [p for p in self.student.model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world
+        for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+            p.grad = g
+
+    # ---- weights and checkpoints --------------------------------------------------------------------
+    def publish(self, version: int) -> float:
+        seconds = self.transport.publish(self.student.model, version)
+        self.metrics.set("weight_version", version)
+        self.metrics.set("weight_publish_s", seconds)
+        return seconds
+
+    def load(self, student_dir: str, state: dict) -> None:
+        from ..student import load_student
+
+        cfg = self.cfg
+        loaded = load_student(student_dir, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
+        self.student.model.load_state_dict(loaded.model.state_dict())
+        self.learner.load_state_dict(state)
+
+    def save(self, out_dir: str) -> None:
+        self.student.save(out_dir)
+
+    def state(self) -> dict:
+        return self.learner.state_dict()
+
+    # ---- training ---------------------------------------------------------------------------------
+    def _next_item(self, step: int, newest: int, counts: dict) -> dict | None:
+        """A rollout batch at most `max_staleness` versions behind `step` (dropping or regenerating);
+        None when the queue stays empty, so the driver can feed the producers and call again."""
+        cfg = self.cfg.learner
+        while True:
+            self.metrics.set("queue_depth", self.queue.qsize())
+            try:
+                item = self.queue.get(timeout=STARVED_S)
+            except Empty:
+                return None
+            stats = item["stats"]
+            if step - stats["version"] <= cfg.max_staleness:
+                return item
+            n = len(item["rollouts"])
+            if cfg.stale_policy == "drop":
+                counts["dropped_stale"] += n
+                counts["dropped_batches"] += 1
+                self.metrics.inc("staleness_drops_total", n)
+                continue
+            # Regenerate the same batch (same prompts and seed) with the newest published weights.
+            worker = ray.get_actor(self.worker_names[stats["batch"] % len(self.worker_names)])
+            item = ray.get(worker.produce.remote(stats["batch"], newest, to_queue=False))
+            counts["regenerated"] += n
+            self.metrics.inc("regenerated_total", n)
+            return item
+
+    def train(self, step: int, newest: int) -> dict:
+        """One optimiser step; `newest` is the newest published version (for regeneration)."""
+        start = time.perf_counter()
+        counts = {"dropped_stale": 0, "regenerated": 0, "dropped_batches": 0}
+        if self.item is None or self.uses >= self.cfg.train.updates_per_batch:
+            self.item = self._next_item(step, newest, counts)
+            if self.item is None:
+                return {**counts, "starved": True}
+            self.uses = 0
+        self.uses += 1
+        t_data = time.perf_counter()
+        rollouts, targets, produced = self.item["rollouts"], self.item["targets"], self.item["stats"]
+        out = self.learner.train_step(rollouts, targets, step)
+        now = time.perf_counter()
+        publish_s = None
+        if self.rank == 0 and (step + 1) % self.cfg.learner.publish_every == 0:
+            publish_s = self.publish(step + 1)
+        lag = step - produced["version"]
+        self.metrics.set("learner_step_s", now - t_data)
+        self.metrics.set("loss", out["loss"])
+        self.metrics.set("version_lag", lag)
+        if self.cfg.train.divergence == "forward_kl" and RECIPES[self.cfg.train.recipe].distill:
+            self.metrics.set("kl", out["loss"])
+        return {**out, **counts, "produced": produced, "new_batch": self.uses == 1, "version_lag": lag,
+                "trained_on": len(rollouts), "tokens_trained": sum(len(r.tokens) for r in rollouts),
+                "wait_s": t_data - start, "train_s": now - t_data, "publish_s": publish_s}

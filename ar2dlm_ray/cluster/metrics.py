@@ -1,0 +1,56 @@
+"""Ray metrics (exported to Prometheus and the dashboard) for the training system.
+
+Each process records what it observes: rollout workers their throughput, teacher servers theirs, the
+learner its step, queue depth and staleness; the driver the retries it performs. Names are prefixed
+`ar2dlm_`; Ray adds `ray_` when exporting.
+"""
+
+from __future__ import annotations
+
+from ray.util import metrics
+
+_GAUGES = {
+    "queue_depth": "rollout batches waiting in the queue",
+    "rollouts_per_s": "rollouts produced per second by a worker",
+    "generated_tokens_per_s": "student tokens generated per second by a worker",
+    "teacher_tokens_per_s": "tokens scored per second by a teacher replica",
+    "learner_step_s": "seconds per learner optimiser step",
+    "loss": "training loss",
+    "kl": "forward KL to the teacher on the training states",
+    "weight_version": "newest published weight version",
+    "version_lag": "learner step minus the version that produced the rollout",
+    "weight_publish_s": "seconds to publish one weight version",
+}
+_COUNTERS = {
+    "rollouts_total": "rollouts produced",
+    "staleness_drops_total": "rollouts dropped because they were too stale",
+    "regenerated_total": "rollouts regenerated because they were too stale",
+    "retries_total": "requests retried after an actor died",
+}
+
+
+class Metrics:
+    """Lazily created metric objects; `set(name, value)` for gauges, `inc(name, n)` for counters."""
+
+    def __init__(self, role: str):
+        self.tags = {"role": role}
+        self._made: dict = {}
+
+    def _get(self, name: str):
+        if name not in self._made:
+            if name in _GAUGES:
+                self._made[name] = metrics.Gauge(f"ar2dlm_{name}", _GAUGES[name], tag_keys=("role",))
+            else:
+                self._made[name] = metrics.Counter(f"ar2dlm_{name}", _COUNTERS[name], tag_keys=("role",))
+        return self._made[name]
+
+    def set(self, name: str, value) -> None:
+        if value is not None:
+            self._get(name).set(float(value), tags=self.tags)
+
+    def inc(self, name: str, n: float = 1) -> None:
+        if n:
+            self._get(name).inc(float(n), tags=self.tags)
+
+
+METRIC_NAMES = [f"ar2dlm_{n}" for n in (*_GAUGES, *_COUNTERS)]
