@@ -12,7 +12,7 @@ from ar2dlm_ray.trainer import LocalTrainer
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False, namespace="ar2dlm-test", log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="ar2dlm-test", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -45,8 +45,9 @@ def test_ray_run_matches_local_trainer(micro_teacher, tmp_path, local_ray):
                      log=lambda *a: None).run()
     finally:
         torch.set_num_threads(threads)
-    summary = train(load_config("configs/micro.yaml", ray_overrides(
-        micro_teacher, tmp_path / "ray", mode="ray", **{"learner.max_staleness": 0})), log=lambda *a: None)
+    cfg = load_config("configs/micro.yaml", ray_overrides(
+        micro_teacher, tmp_path / "ray", mode="ray", **{"learner.max_staleness": 0, "train.checkpoint_every": 2}))
+    summary = train(cfg, log=lambda *a: None)
     ref, got = _metrics(tmp_path / "local"), _metrics(tmp_path / "ray")
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     deltas = [abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)]
@@ -58,6 +59,16 @@ def test_ray_run_matches_local_trainer(micro_teacher, tmp_path, local_ray):
         assert summary["accounting"][key] == value, key
     assert (tmp_path / "ray" / "final" / "ar2dlm_student.json").is_file()
 
+    # Resume from the step-2 checkpoint (the local trainer's format): steps 3-4 are repeated exactly.
+    ckpts = tmp_path / "ray" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004"]
+    (ckpts / "latest.json").write_text(json.dumps({"checkpoint": "step_0000002", "step": 2}))
+    resumed = train(cfg, resume=True, log=lambda *a: None)
+    again = _metrics(tmp_path / "ray")
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, again)) < 1e-5
+    assert resumed["accounting"] == summary["accounting"]
+
 
 def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, local_ray):
     from ar2dlm_ray.cluster.driver import RayTrainer
@@ -66,18 +77,18 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
         "train.max_steps": 6, "rollout.num_workers": 2, "teacher.num_replicas": 2, "learner.num_workers": 2,
         "learner.max_staleness": 1, "learner.stale_policy": "regenerate", "train.checkpoint_every": 3}))
     killed = {}
+    trainer = RayTrainer(cfg, lambda *a: None)
+    submit = trainer._submit
 
-    def log(line):
-        # Fault injection: kill a rollout worker with a batch in flight, and a teacher replica.
-        if not line.startswith("[train] step ") or "worker" in killed:
-            return
-        busy = [b for ref, b in trainer.producing.items() if not ray.wait([ref], timeout=0)[0]]
-        if busy:
-            killed["worker"] = f"rollout-{busy[0] % 2}"
+    def submit_then_kill(batch, min_version):
+        # Fault injection: the worker dies with this batch in flight, and a teacher replica dies too.
+        submit(batch, min_version)
+        if batch == 5 and not killed:
+            killed["worker"] = f"rollout-{batch % 2}"
             ray.kill(ray.get_actor(killed["worker"]), no_restart=False)
             ray.kill(ray.get_actor("teacher-1"), no_restart=False)
 
-    trainer = RayTrainer(cfg, log)
+    trainer._submit = submit_then_kill
     try:
         before = {a["pid"] for a in trainer.placement["teacher"] + trainer.placement["rollout"]}
         # A rollout from a long-gone weight version arrives first: it must be regenerated, not trained on.

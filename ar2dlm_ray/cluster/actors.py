@@ -61,25 +61,29 @@ class TeacherServer:
         return self.backend.generate(prompts, max_new_tokens, temperature, seed)
 
 
-class TeacherClient:
-    """The teacher pool as one backend: requests go round-robin over the replicas; a request whose
-    replica died is retried on the next one while Ray restarts it."""
+class RoundRobin:
+    """A pool of interchangeable actors: calls go round-robin; a call whose actor died (or is restarting)
+    is retried on the next one while Ray restarts it, and counted in `retries`."""
 
     def __init__(self, handles: list, start: int = 0, attempts: int = 8):
         self.handles, self.next, self.attempts = handles, start, attempts
         self.retries = 0
 
-    def _call(self, method: str, *args):
+    def _call(self, method: str, *args, **kwargs):
         for attempt in range(self.attempts):
             handle = self.handles[self.next % len(self.handles)]
             self.next += 1
             try:
-                return ray.get(getattr(handle, method).remote(*args))
+                return ray.get(getattr(handle, method).remote(*args, **kwargs))
             except RayActorError:
                 if attempt == self.attempts - 1:
                     raise
                 self.retries += 1
                 time.sleep(min(2.0, 0.1 * 2 ** attempt))
+
+
+class TeacherClient(RoundRobin):
+    """The teacher pool as one backend (`score`, `generate`) for the core rollout functions."""
 
     def score(self, pairs):
         return self._call("score", pairs)
@@ -168,6 +172,7 @@ class LearnerWorker:
         self.student = build_student(cfg, teacher_path)
         self.learner = Learner(self.student, cfg, total_steps)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
+        self.workers = RoundRobin([], start=rank)  # for regeneration; handles looked up on first use
         self.worker_names = worker_names
         self.item, self.uses = None, 0
         self.metrics = Metrics("learner")
@@ -246,16 +251,19 @@ class LearnerWorker:
                 self.metrics.inc("staleness_drops_total", n)
                 continue
             # Regenerate the same batch (same prompts and seed) with the newest published weights.
-            worker = ray.get_actor(self.worker_names[stats["batch"] % len(self.worker_names)])
-            item = ray.get(worker.produce.remote(stats["batch"], newest, to_queue=False))
+            if not self.workers.handles:
+                self.workers.handles = [ray.get_actor(name) for name in self.worker_names]
+            retries = self.workers.retries
+            item = self.workers._call("produce", stats["batch"], newest, to_queue=False)
             counts["regenerated"] += n
+            counts["retried"] += self.workers.retries - retries
             self.metrics.inc("regenerated_total", n)
             return item
 
     def train(self, step: int, newest: int) -> dict:
         """One optimiser step; `newest` is the newest published version (for regeneration)."""
         start = time.perf_counter()
-        counts = {"dropped_stale": 0, "regenerated": 0, "dropped_batches": 0}
+        counts = {"dropped_stale": 0, "regenerated": 0, "dropped_batches": 0, "retried": 0}
         if self.item is None or self.uses >= self.cfg.train.updates_per_batch:
             self.item = self._next_item(step, newest, counts)
             if self.item is None:

@@ -49,7 +49,7 @@ def connect(cfg: RunConfig, log: Callable = print) -> None:
         return
     system = {"metrics_report_interval_ms": 1000}
     kwargs = {"_metrics_export_port": cfg.ray.metrics_export_port} if cfg.ray.metrics_export_port else {}
-    ray.init(namespace=cfg.ray.namespace, num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+    ray.init(address="local", namespace=cfg.ray.namespace, num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
              dashboard_host=cfg.ray.dashboard_host, _system_config=system, **kwargs)
     ctx = ray.get_runtime_context()
     log(f"[ray] started an embedded Ray (dashboard: {getattr(ctx, 'dashboard_url', None) or 'off'})")
@@ -215,7 +215,7 @@ class RayTrainer:
                     continue
                 rank = calls.pop(ref)
                 res = ray.get(ref)
-                for key in ("dropped_stale", "regenerated"):
+                for key in ("dropped_stale", "regenerated", "retried"):
                     self.accounting[key] += res[key]
                 self.demand += res["dropped_batches"]
                 if res["regenerated"]:
