@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .config import ConfigError, SamplerConfig, load_config
 
 DEFAULT_CONFIG = "configs/micro.yaml"
@@ -40,8 +42,9 @@ def cmd_sample(args) -> None:
         cfg = SamplerConfig(max_new_tokens=args.max_new_tokens, remasking=args.remasking, threshold=args.threshold,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             steps_per_block=args.steps_per_block or 1, use_cache=not args.no_cache)
-    except Exception as exc:  # pydantic's message names the bad field
-        raise ConfigError(f"bad sampling option: {exc}") from None
+    except ValidationError as exc:
+        bad = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"bad sampling option: {bad}") from None
     student = load_student(args.model)
     if args.steps_per_block is None:
         cfg = cfg.model_copy(update={"steps_per_block": student.spec.block_size})

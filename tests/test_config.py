@@ -49,3 +49,5 @@ def test_cli_rejects_bad_inputs(capsys, tmp_path):
     assert "--block-size" in capsys.readouterr().err
     assert main(["sample", "--model", str(tmp_path), "--prompt", "hi"]) == 2
     assert "not a student directory" in capsys.readouterr().err
+    assert main(["sample", "--model", str(tmp_path), "--prompt", "hi", "--threshold", "1.5"]) == 2
+    assert "--threshold" in capsys.readouterr().err

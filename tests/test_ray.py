@@ -33,43 +33,69 @@ def _metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ray_run_matches_local_trainer(micro_teacher, tmp_path, local_ray):
+@pytest.fixture(scope="module")
+def local_reference(micro_teacher, tmp_path_factory):
+    """The local trainer's metrics for the settings the Ray runs must reproduce."""
     import torch
 
-    from ar2dlm_ray.cluster.driver import train
-
+    out = tmp_path_factory.mktemp("local")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the actors run one thread; keep the reductions identical
     try:
-        LocalTrainer(load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path / "local")),
-                     log=lambda *a: None).run()
+        LocalTrainer(load_config("configs/micro.yaml", ray_overrides(micro_teacher, out)), log=lambda *a: None).run()
     finally:
         torch.set_num_threads(threads)
-    cfg = load_config("configs/micro.yaml", ray_overrides(
-        micro_teacher, tmp_path / "ray", mode="ray", **{"learner.max_staleness": 0, "train.checkpoint_every": 2}))
-    summary = train(cfg, log=lambda *a: None)
-    ref, got = _metrics(tmp_path / "local"), _metrics(tmp_path / "ray")
+    return _metrics(out), json.loads((out / "summary.json").read_text())["accounting"]
+
+
+def _ray_cfg(teacher, out_dir, **extra):
+    return load_config("configs/micro.yaml", ray_overrides(teacher, out_dir, mode="ray", **{
+        "learner.max_staleness": 0, **extra}))
+
+
+def test_ray_run_matches_local_trainer(micro_teacher, tmp_path, local_ray, local_reference):
+    from ar2dlm_ray.cluster.driver import train
+
+    ref, local_acc = local_reference
+    summary = train(_ray_cfg(micro_teacher, tmp_path, **{"train.checkpoint_every": 2}), log=lambda *a: None)
+    got = _metrics(tmp_path)
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     deltas = [abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)]
     assert max(deltas) < 1e-5, deltas
     assert [m["version"] for m in got] == [0, 1, 2, 3] and all(m["version_lag"] == 0 for m in got)
     assert [m["tokens_trained"] for m in ref] == [m["tokens_trained"] for m in got]
-    local_acc = json.loads((tmp_path / "local" / "summary.json").read_text())["accounting"]
     for key, value in local_acc.items():
         assert summary["accounting"][key] == value, key
-    assert (tmp_path / "ray" / "final" / "ar2dlm_student.json").is_file()
-
-    # Resume from the step-2 checkpoint (the local trainer's format): steps 3-4 are repeated exactly.
-    ckpts = tmp_path / "ray" / "checkpoints"
+    assert (tmp_path / "final" / "ar2dlm_student.json").is_file()
+    ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004"]
+
+
+@pytest.mark.slow
+def test_ray_resume_and_collective_transport_match_local(micro_teacher, tmp_path, local_ray, local_reference):
+    from ar2dlm_ray.cluster.driver import train
+
+    ref, _ = local_reference
+    # A run stopped after its step-2 checkpoint (the local trainer's format), then resumed: steps 3-4 repeat.
+    cfg = _ray_cfg(micro_teacher, tmp_path / "resume", **{"train.checkpoint_every": 2})
+    summary = train(cfg, log=lambda *a: None)
+    ckpts = tmp_path / "resume" / "checkpoints"
     (ckpts / "latest.json").write_text(json.dumps({"checkpoint": "step_0000002", "step": 2}))
     resumed = train(cfg, resume=True, log=lambda *a: None)
-    again = _metrics(tmp_path / "ray")
+    again = _metrics(tmp_path / "resume")
     assert [m["step"] for m in again] == [1, 2, 3, 4]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, again)) < 1e-5
     assert resumed["accounting"] == summary["accounting"]
 
+    # The gloo broadcast transport (flat buckets) moves the same weights: the same losses again.
+    train(_ray_cfg(micro_teacher, tmp_path / "collective", **{"learner.transport": "collective",
+                                                               "rollout.num_workers": 2}), log=lambda *a: None)
+    collective = _metrics(tmp_path / "collective")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, collective)) < 1e-5
+    assert [m["version"] for m in collective] == [0, 1, 2, 3]
 
+
+@pytest.mark.slow
 def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, local_ray):
     from ar2dlm_ray.cluster.driver import RayTrainer
 
@@ -80,9 +106,9 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
     trainer = RayTrainer(cfg, lambda *a: None)
     submit = trainer._submit
 
-    def submit_then_kill(batch, min_version):
+    def submit_then_kill(batch, *args):
         # Fault injection: the worker dies with this batch in flight, and a teacher replica dies too.
-        submit(batch, min_version)
+        submit(batch, *args)
         if batch == 5 and not killed:
             killed["worker"] = f"rollout-{batch % 2}"
             ray.kill(ray.get_actor(killed["worker"]), no_restart=False)

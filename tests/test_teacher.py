@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ar2dlm_ray.tasks import TaskSuite
 from ar2dlm_ray.teacher import HFTeacher
 
 from conftest import tiny_causal_lm
@@ -49,10 +50,11 @@ def test_topk_larger_than_vocab_is_an_error(model, tokenizer):
 def test_generate_stops_at_eos(micro_teacher):
     teacher = HFTeacher.load(micro_teacher, batch_size=4)
     tok = teacher.tokenizer
-    prompts = [tok.encode(p, add_special_tokens=False) for p in ["12+30=", "3+4=", "The capital of", "KING:"]]
+    fact = TaskSuite(20, 0).facts[0]  # the fixture's teacher memorised these facts
+    prompts = [tok.encode(p, add_special_tokens=False) for p in ["12+30=", fact.prompt, "The capital of", "KING:"]]
     gens = teacher.generate(prompts, max_new_tokens=12, temperature=0.0)
     assert len(gens) == 4
     for g in gens:
         assert 0 < len(g) <= 12
         assert tok.eos_token_id not in g[:-1]
-    assert tok.decode(gens[1]).startswith("7")
+    assert gens[1][-1] == tok.eos_token_id and tok.decode(gens[1][:-1]) == fact.answer

@@ -117,6 +117,10 @@ class RolloutWorker:
         return {**_where(), "num_prompts": len(self.prompts), "params": param_count(self.student.model),
                 "block_size": self.student.spec.block_size}
 
+    def join_weights(self, addr: str, port: int, rank: int, world: int) -> None:
+        """transport=collective: join the broadcast group (rank 0 is learner rank 0)."""
+        self.transport.join(addr, port, rank, world, self.student.model)
+
     def produce(self, batch_index: int, min_version: int, to_queue: bool = True) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -208,6 +212,9 @@ class LearnerWorker:
         flat /= self.world
         for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
             p.grad = g
+
+    def join_weights(self, addr: str, port: int, rank: int, world: int) -> None:
+        self.transport.join(addr, port, rank, world, self.student.model)
 
     # ---- weights and checkpoints --------------------------------------------------------------------
     def publish(self, version: int) -> float:

@@ -32,6 +32,7 @@ from .weights import REGISTRY_NAME, WeightRegistry
 
 ACCOUNTING_KEYS = ("prompts_consumed", "rolled_out", "scored", "trained_on", "dropped_stale", "regenerated",
                    "retried", "tokens_trained", "sampler_forwards", "generated_tokens")
+MAX_BATCH_RETRIES = 8
 PRODUCED_KEYS = ("prompts_consumed", "rolled_out", "scored", "sampler_forwards", "generated_tokens", "retried")
 
 
@@ -49,8 +50,9 @@ def connect(cfg: RunConfig, log: Callable = print) -> None:
         return
     system = {"metrics_report_interval_ms": 1000}
     kwargs = {"_metrics_export_port": cfg.ray.metrics_export_port} if cfg.ray.metrics_export_port else {}
-    ray.init(address="local", namespace=cfg.ray.namespace, num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
-             dashboard_host=cfg.ray.dashboard_host, _system_config=system, **kwargs)
+    ray.init(address="local", namespace=cfg.ray.namespace, num_cpus=cfg.ray.num_cpus,
+             include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
+             _system_config=system, **kwargs)
     ctx = ray.get_runtime_context()
     log(f"[ray] started an embedded Ray (dashboard: {getattr(ctx, 'dashboard_url', None) or 'off'})")
 
@@ -73,10 +75,12 @@ class RayTrainer:
         self.metrics = Metrics("driver")
         # Everything is named (dashboard, `ray.get_actor`); the pools die with the job.
         self.registry = ray.remote(WeightRegistry).options(name=REGISTRY_NAME, num_cpus=0).remote()
-        self.queue = Queue(maxsize=cfg.ray.queue_size, actor_options={"name": "rollout-queue", "num_cpus": 0})
+        # Slack beyond queue_size for a batch delivered twice (its worker died after putting it).
+        self.queue = Queue(maxsize=cfg.ray.queue_size + cfg.rollout.num_workers,
+                           actor_options={"name": "rollout-queue", "num_cpus": 0})
         teacher_names = [f"teacher-{i}" for i in range(cfg.teacher.num_replicas)]
-        self.teachers = [ray.remote(TeacherServer).options(**_options(cfg.teacher.pool, n)).remote(cfg, self.teacher_path)
-                         for n in teacher_names]
+        self.teachers = [ray.remote(TeacherServer).options(**_options(cfg.teacher.pool, n)).remote(
+            cfg, self.teacher_path) for n in teacher_names]
         worker_names = [f"rollout-{i}" for i in range(cfg.rollout.num_workers)]
         self.workers = [ray.remote(RolloutWorker).options(**_options(cfg.rollout, n)).remote(
             cfg, self.teacher_path, i, teacher_names, self.queue) for i, n in enumerate(worker_names)]
@@ -92,6 +96,11 @@ class RayTrainer:
         if world > 1:
             addr, port = ray.get(self.learners[0].rendezvous.remote())
             ray.get([lw.init_group.remote(addr, port) for lw in self.learners])
+        if cfg.learner.transport == "collective":
+            addr, port = ray.get(self.learners[0].rendezvous.remote())
+            size = len(self.workers) + 1
+            ray.get([self.learners[0].join_weights.remote(addr, port, 0, size)]
+                    + [w.join_weights.remote(addr, port, i + 1, size) for i, w in enumerate(self.workers)])
         self.n_student = first["params"]
         self.n_teacher = self.placement["teacher"][0]["params"] or self.n_student
         self.block_size = first["block_size"]
@@ -125,8 +134,8 @@ class RayTrainer:
             self.next_batch += 1
             self.supplied += 1
 
-    def _submit(self, batch: int, min_version: int) -> None:
-        worker = self.workers[batch % len(self.workers)]
+    def _submit(self, batch: int, min_version: int, attempt: int = 0) -> None:
+        worker = self.workers[(batch + attempt) % len(self.workers)]  # a retry tries the next worker
         self.producing[worker.produce.remote(batch, min_version)] = batch
 
     def _on_produced(self, ref) -> None:
@@ -135,10 +144,14 @@ class RayTrainer:
             stats = ray.get(ref)
         except RayActorError as exc:
             # The worker died with the batch in flight: Ray restarts it and the batch is redone.
+            attempt = self.retries[batch] = self.retries.get(batch, 0) + 1
+            if attempt > MAX_BATCH_RETRIES:
+                raise RuntimeError(f"rollout batch {batch} failed {MAX_BATCH_RETRIES} times") from exc
             self.accounting["retried"] += 1
             self.metrics.inc("retries_total")
             self.log(f"[ray] rollout batch {batch} lost ({type(exc).__name__}); retrying")
-            self._submit(batch, self._published())
+            time.sleep(min(5.0, 0.25 * 2 ** attempt))  # a restarting actor refuses work for a while
+            self._submit(batch, self._published(), attempt)
             return
         for key in PRODUCED_KEYS:
             self.accounting[key] += stats[key]
@@ -158,6 +171,7 @@ class RayTrainer:
         self.next_batch = self.start_batch
         self.supplied = self.demand = 0
         self.producing: dict = {}
+        self.retries: dict[int, int] = {}
         self.produced_s: list = []
         ray.get(self.learners[0].publish.remote(self.step))
         self.log(f"[train] mode=ray recipe={cfg.train.recipe} steps={self.total_steps} "
@@ -187,13 +201,14 @@ class RayTrainer:
                 since_ckpt = 0
         for ref in list(self.producing):  # batches produced beyond the last step still count as rolled out
             try:
-                self._on_produced(ref) if ray.wait([ref], timeout=cfg.ray.timeout_s)[0] else None
+                self._on_produced(ref) if ray.wait([ref], timeout=min(60.0, cfg.ray.timeout_s))[0] else None
             except Exception:  # noqa: BLE001 - shutting down; nothing to retry
                 pass
         final = self.out_dir / "final"
         ray.get(self.learners[0].save.remote(str(final)))
         summary = {"final_student": str(final), "steps": self.step, "accounting": dict(self.accounting),
-                   "placement": self.placement, **flops(self.accounting, self.n_teacher, self.n_student, self.block_size)}
+                   "placement": self.placement,
+                   **flops(self.accounting, self.n_teacher, self.n_student, self.block_size)}
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log(f"[train] done: {self.step} steps, {self.accounting['tokens_trained']} training tokens, "
                  f"accounting {json.dumps(self.accounting)}, student saved to {final}")
@@ -207,7 +222,8 @@ class RayTrainer:
         deadline = time.monotonic() + self.cfg.ray.timeout_s
         while calls:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"learner step {self.step} did not finish in ray.timeout_s={self.cfg.ray.timeout_s}s")
+                raise TimeoutError(f"learner step {self.step} did not finish within ray.timeout_s "
+                                   f"({self.cfg.ray.timeout_s}s)")
             ready, _ = ray.wait(list(calls) + list(self.producing), num_returns=1, timeout=5.0)
             for ref in ready:
                 if ref in self.producing:
@@ -243,7 +259,8 @@ class RayTrainer:
             "step": self.step + 1, "batch": produced[0]["batch"], "batches": [p["batch"] for p in produced],
             "recipe": cfg.train.recipe, "loss": loss, "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"],
             "supervised_tokens": sum(r["supervised_tokens"] for r in results), "kl": loss if distill_kl else None,
-            "gen_len_limit": produced[0]["gen_len"], "mean_gen_len": tokens / max(1, sum(r["trained_on"] for r in results)),
+            "gen_len_limit": produced[0]["gen_len"],
+            "mean_gen_len": tokens / max(1, sum(r["trained_on"] for r in results)),
             "tokens_trained": acc["tokens_trained"], "tokens_per_forward": tokens / forwards if forwards else None,
             "version": min(p["version"] for p in produced), "version_lag": max(r["version_lag"] for r in results),
             "queue_depth": self.supplied - self.demand, "rollout_s": max(p["rollout_s"] for p in produced),

@@ -5,14 +5,21 @@ A small named registry actor keeps the newest version number and how to fetch it
 by a transport behind one interface (`publish(model, version)` on the learner, `receive(model, current,
 min_version)` on a worker):
 - `object_store`: `ray.put` of the state dict; the registry keeps the reference (works everywhere).
+- `collective`: a gloo broadcast group of learner rank 0 and every rollout worker; the state dict is
+  packed into large flat buckets. A sender thread on the learner broadcasts the newest snapshot; a
+  receiver thread on each worker stages it. Faster for big models, but its membership is fixed: a
+  restarted rollout worker cannot rejoin (use object_store where workers may die).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from datetime import timedelta
 
 import ray
+import torch
 
 REGISTRY_NAME = "weights"
 
@@ -68,7 +75,114 @@ class ObjectStoreTransport:
         return version
 
 
+def _buckets(state: dict, bucket_bytes: int) -> list[list[str]]:
+    """State-dict keys grouped into buckets of one dtype and at most `bucket_bytes` (one tensor may exceed it)."""
+    out: list[list[str]] = []
+    size, dtype = 0, None
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if not out or t.dtype != dtype or size + nbytes > bucket_bytes:
+            out.append([])
+            size, dtype = 0, t.dtype
+        out[-1].append(key)
+        size += nbytes
+    return out
+
+
+class CollectiveTransport:
+    """Broadcast over a gloo group: rank 0 is learner rank 0, ranks 1..n the rollout workers."""
+
+    name = "collective"
+
+    def __init__(self, registry, bucket_mb: int = 256):
+        self.registry, self.bucket_bytes = registry, bucket_mb << 20
+        self.group = None
+        self.cond = threading.Condition()
+        self.pending: tuple[int, list[torch.Tensor]] | None = None  # sender: newest snapshot not yet sent
+        self.staged: tuple[int, list[torch.Tensor]] | None = None  # receiver: newest complete version
+        self.error: BaseException | None = None
+
+    def join(self, addr: str, port: int, rank: int, world: int, model) -> None:
+        store = torch.distributed.TCPStore(addr, port, world, is_master=rank == 0, timeout=timedelta(seconds=300))
+        self.group = torch.distributed.ProcessGroupGloo(store, rank, world, timedelta(seconds=1800))
+        state = model.state_dict()
+        self.layout = _buckets(state, self.bucket_bytes)
+        self.keys = [k for bucket in self.layout for k in bucket]
+        loop = self._send_loop if rank == 0 else self._receive_loop
+        threading.Thread(target=self._guarded, args=(loop, state), daemon=True, name=f"weights-{loop.__name__}").start()
+
+    def _guarded(self, loop, state) -> None:
+        try:
+            loop(state)
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the actor on its next call
+            with self.cond:
+                self.error = exc
+                self.cond.notify_all()
+
+    def _flat(self, state: dict) -> list[torch.Tensor]:
+        return [torch.cat([state[k].detach().reshape(-1).cpu() for k in bucket]) for bucket in self.layout]
+
+    # learner rank 0
+    def publish(self, model, version: int) -> float:
+        start = time.perf_counter()
+        if self.error is not None:
+            raise RuntimeError("the weight broadcast group failed") from self.error
+        snapshot = self._flat(model.state_dict())  # the copy is the only part the learner waits for
+        with self.cond:
+            self.pending = (version, snapshot)
+            self.cond.notify_all()
+        self.registry.publish.remote(version, [None])
+        return time.perf_counter() - start
+
+    def _send_loop(self, state) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.pending is not None)
+                version, buckets = self.pending
+                self.pending = None
+            self.group.broadcast(torch.tensor([version], dtype=torch.long), 0).wait()
+            for bucket in buckets:
+                self.group.broadcast(bucket, 0).wait()
+
+    # rollout workers
+    def _receive_loop(self, state) -> None:
+        shapes = [[state[k].numel() for k in bucket] for bucket in self.layout]
+        while True:
+            header = torch.zeros(1, dtype=torch.long)
+            self.group.broadcast(header, 0).wait()
+            buckets = [torch.empty(sum(n), dtype=state[b[0]].dtype) for b, n in zip(self.layout, shapes)]
+            for bucket in buckets:
+                self.group.broadcast(bucket, 0).wait()
+            with self.cond:
+                self.staged = (int(header), buckets)
+                self.cond.notify_all()
+
+    def receive(self, model, current: int, min_version: int, timeout: float | None = None) -> int:
+        if self.group is None:
+            raise RuntimeError("this rollout worker is not in the weight broadcast group (restarted?); "
+                               "learner.transport=collective cannot replace a dead worker; use object_store")
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.error is not None or (self.staged or (-1,))[0] >= min_version,
+                                      timeout):
+                raise TimeoutError(f"weight version {min_version} did not arrive in {timeout}s")
+            if self.error is not None:
+                raise RuntimeError("the weight broadcast group failed") from self.error
+            version, buckets = self.staged
+        if version > current:
+            state = model.state_dict()
+            with torch.no_grad():
+                for bucket, flat in zip(self.layout, buckets):
+                    offset = 0
+                    for key in bucket:
+                        n = state[key].numel()
+                        state[key].copy_(flat[offset:offset + n].view_as(state[key]))
+                        offset += n
+        return version
+
+
 def build_transport(name: str, registry):
     if name == "object_store":
         return ObjectStoreTransport(registry)
-    raise NotImplementedError(f"learner.transport={name!r} is not available yet; use learner.transport=object_store")
+    if name == "collective":
+        return CollectiveTransport(registry)
+    raise ValueError(f"unknown learner.transport {name!r}")
