@@ -145,9 +145,15 @@ def cmd_bench(args) -> None:
     from .student import load_student
     from .trainer import build_student, resolve_teacher_path
 
+    if args.what == "pipeline":
+        from .cluster.bench import bench_pipeline
+
+        result = bench_pipeline(args.config, args.overrides, args.repeats, log=_log)
+        _log(json.dumps(result, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        return
     cfg = load_config(args.config, args.overrides)
-    if args.what != "sampler":
-        raise ConfigError(f"unknown benchmark {args.what!r}; available: sampler")
     if args.model:
         student = load_student(args.model, cfg.model.dtype, cfg.model.device)
     else:
@@ -217,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="rerunnable benchmarks (ratios measured side by side in one run)")
-    p.add_argument("what", choices=["sampler"], help="sampler: KV-cached decoding vs full recomputation")
+    p.add_argument("what", choices=["sampler", "pipeline"],
+                   help="sampler: KV-cached decoding vs full recomputation; "
+                        "pipeline: the Ray run synchronous vs asynchronous (trained tokens/s, learner busy fraction)")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--model", default=None, help="a student directory; default: convert the config's teacher")
     p.add_argument("--batch", type=int, default=8)
@@ -234,17 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_guarded(func, *args) -> int:
+    """Run a command; a bad configuration or input is one line on stderr and exit status 2."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        args.func(args)
+        func(*args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"ar2dlm: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.func, args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, load_config
+from .config import load_config
 
 
 def run(config: str, overrides: list[str], resume: bool = False, log=None) -> dict:
@@ -25,15 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
+    from .cli import run_guarded
 
-    hf_logging.disable_progress_bar()
-    try:
-        run(args.config, args.overrides, args.resume)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"ar2dlm: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_guarded(run, args.config, args.overrides, args.resume)
 
 
 if __name__ == "__main__":

@@ -101,13 +101,7 @@ class LocalTrainer:
 
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
-        metrics_path = self.out_dir / cfg.logging.metrics_file
-        if resume:
-            self._resume(metrics_path)
-        elif metrics_path.exists():
-            metrics_path.unlink()
+        metrics_path = prepare_run_dir(cfg, self.out_dir, resume, self._resume)
         since_ckpt = 0
         self.log(f"[train] recipe={cfg.train.recipe} steps={self.total_steps} prompts={len(self.prompts)} "
                  f"student={self.n_student / 1e6:.2f}M params, block={self.student.spec.block_size} "
@@ -197,6 +191,18 @@ class LocalTrainer:
 
 
 # ---- checkpoint format (shared with the Ray driver) -----------------------------------------------------
+def prepare_run_dir(cfg: RunConfig, out_dir: Path, resume: bool, resume_fn: Callable[[Path], None]) -> Path:
+    """Create the run directory, record the config, and resume or start a fresh metrics log."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
+    metrics_path = out_dir / cfg.logging.metrics_file
+    if resume:
+        resume_fn(metrics_path)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    return metrics_path
+
+
 def write_checkpoint(root: Path, step: int, save_student: Callable[[Path], object], state: dict, keep: int) -> Path:
     """`root/step_N/{student/, trainer_state.pt}` written atomically, `root/latest.json`, and pruning."""
     root.mkdir(parents=True, exist_ok=True)

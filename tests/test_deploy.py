@@ -51,8 +51,10 @@ def test_rayjob_manifest_names_existing_config_and_offers_its_resources():
 def test_ray_up_cluster_offers_every_pool_resource():
     cluster = yaml.safe_load((ROOT / "deploy" / "cluster.yaml").read_text())
     offered = {r for t in cluster["available_node_types"].values() for r in t["resources"]}
-    for config in ("configs/qwen3_0.6b.yaml", "configs/qwen3_4b.yaml"):
-        assert _pool_resources(load_config(ROOT / config)) <= offered, config
+    configs = sorted(ROOT.glob("configs/qwen3_*.yaml"))
+    assert {c.stem for c in configs} >= {"qwen3_0.6b", "qwen3_1.7b", "qwen3_4b", "qwen3_8b"}
+    for config in configs:
+        assert _pool_resources(load_config(config)) <= offered, config
 
 
 def test_submit_script_and_images_use_the_entrypoint():

@@ -3,15 +3,13 @@ turns) and asynchronous (rollouts produced while the learner trains), on one Ray
 `repeats` times. Reports steps/s and their ratio, the learner's busy fraction, and weight publication
 time per learner step. The first step of each run (warm-up) is left out.
 
-`python -m ar2dlm_ray.cluster.bench --config configs/micro.yaml [key=value ...] [--repeats N] [--out F]`
+`ar2dlm bench pipeline --config configs/micro.yaml [key=value ...] [--repeats N] [--out F]`
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +21,8 @@ def _measure(metrics: list[dict]) -> dict:
     wall = sum(m["step_s"] for m in steady)
     train = sum(m["train_s"] for m in steady)
     publish = [m["publish_s"] for m in steady if m["publish_s"] is not None]
-    return {"steps_per_s": len(steady) / wall, "learner_busy": train / wall,
+    tokens = steady[-1]["tokens_trained"] - (metrics[0]["tokens_trained"] if len(metrics) > 1 else 0)
+    return {"steps_per_s": len(steady) / wall, "trained_tokens_per_s": tokens / wall, "learner_busy": train / wall,
             "publish_per_step": (statistics.mean(publish) / (train / len(steady))) if publish else None}
 
 
@@ -49,22 +48,5 @@ def bench_pipeline(config: str, overrides: list[str], repeats: int = 1, log=prin
     med = {name: {k: statistics.median(m[k] for m in ms) if ms[0][k] is not None else None for k in ms[0]}
            for name, ms in runs.items()}
     return {**{f"{name}_{k}": v for name, m in med.items() for k, v in m.items()},
-            "async_over_sync": med["async"]["steps_per_s"] / med["sync"]["steps_per_s"], "repeats": repeats}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ar2dlm_ray.cluster.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/micro.yaml")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
-    result = bench_pipeline(args.config, args.overrides, args.repeats)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            "async_over_sync": med["async"]["trained_tokens_per_s"] / med["sync"]["trained_tokens_per_s"],
+            "async_over_sync_steps": med["async"]["steps_per_s"] / med["sync"]["steps_per_s"], "repeats": repeats}

@@ -25,7 +25,8 @@ from ray.util.queue import Queue
 
 from ..config import RunConfig, dump_config
 from ..rollout import RECIPES
-from ..trainer import flops, read_checkpoint, resolve_teacher_path, trim_metrics, write_checkpoint
+from ..trainer import (flops, prepare_run_dir, read_checkpoint, resolve_teacher_path, trim_metrics,
+                       write_checkpoint)
 from .actors import LearnerWorker, RolloutWorker, TeacherServer
 from .metrics import Metrics
 from .weights import REGISTRY_NAME, WeightRegistry
@@ -160,13 +161,7 @@ class RayTrainer:
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
-        metrics_path = self.out_dir / cfg.logging.metrics_file
-        if resume:
-            self._resume(metrics_path)
-        elif metrics_path.exists():
-            metrics_path.unlink()
+        metrics_path = prepare_run_dir(cfg, self.out_dir, resume, self._resume)
         self.start_step = self.step
         self.next_batch = self.start_batch
         self.supplied = self.demand = 0
