@@ -79,6 +79,23 @@ class TeacherConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     num_replicas: int = Field(1, gt=0, description="mode=ray: teacher servers; requests go round-robin")
     pool: PoolResources = Field(default_factory=PoolResources)
+    # vLLM engine settings (backend=vllm only; the hf backend ignores them).
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="vllm: default model.dtype")
+    max_model_len: int | None = Field(None, gt=1, description="vllm: longest prompt + x0; default: the model's")
+    tensor_parallel_size: int = Field(1, gt=0, description="vllm: GPUs per teacher replica")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0,
+                                          description="vllm: fraction of device memory (host memory on CPU)")
+    max_num_seqs: int | None = Field(None, gt=0, description="vllm: sequences per engine step; default: vLLM's")
+    max_logprobs: int | None = Field(None, gt=0, description="vllm: the engine's cap; default: top_k")
+    enforce_eager: bool = Field(True, description="vllm: no CUDA graphs / compilation (fast start; prefill-only)")
+
+    @model_validator(mode="after")
+    def _vllm_needs_top_k(self) -> "TeacherConfig":
+        if self.backend == "vllm" and self.top_k is None:
+            raise ValueError("backend vllm returns top-k log-probs only; set teacher.top_k (the paper uses 16)")
+        if self.max_logprobs is not None and self.top_k is not None and self.max_logprobs < self.top_k:
+            raise ValueError(f"max_logprobs ({self.max_logprobs}) must be >= top_k ({self.top_k})")
+        return self
 
 
 class CurriculumConfig(_Strict):

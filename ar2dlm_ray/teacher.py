@@ -117,6 +117,10 @@ def build_teacher(cfg, teacher_path: str) -> TeacherBackend:
     if cfg.teacher.backend == "hf":
         return HFTeacher.load(teacher_path, cfg.teacher.top_k, cfg.teacher.batch_size, cfg.model.dtype,
                               cfg.model.device, cfg.model.attn_implementation)
-    raise NotImplementedError(
-        f"teacher.backend={cfg.teacher.backend!r} is not available yet; use teacher.backend=hf"
-    )
+    from .teacher_vllm import VLLMTeacher  # lazy: vllm is an optional dependency
+
+    t = cfg.teacher
+    return VLLMTeacher(teacher_path, t.top_k, t.batch_size, dtype=t.dtype or cfg.model.dtype,
+                       max_model_len=t.max_model_len, tensor_parallel_size=t.tensor_parallel_size,
+                       gpu_memory_utilization=t.gpu_memory_utilization, max_num_seqs=t.max_num_seqs,
+                       max_logprobs=t.max_logprobs, enforce_eager=t.enforce_eager, seed=cfg.train.seed)

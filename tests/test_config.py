@@ -21,6 +21,7 @@ def test_micro_config_loads_and_overrides_apply():
     ("train.lrr=1", "train.lrr", "unknown key"),
     ("sampler.temperature=hot", "sampler.temperature", "number"),
     ("curriculum.min_len=100", "curriculum", "min_len"),
+    ("teacher.backend=vllm", "teacher", "top_k"),
 ])
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as err:
