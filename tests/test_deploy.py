@@ -69,3 +69,13 @@ def test_submit_script_and_images_use_the_entrypoint():
     cpu = (ROOT / "docker" / "Dockerfile.cpu").read_text()
     for pin in re.findall(r"pip install .*?(torch==[\w.]+|-e '\.\[dev\]')", make):
         assert pin in cpu, pin
+
+
+def test_pool_demand_sums_every_pool():
+    from ar2dlm_ray.cluster.driver import pool_demand
+
+    cfg = load_config(ROOT / "configs" / "qwen3_4b.yaml")
+    demand = pool_demand(cfg)
+    t, r, lr = cfg.teacher, cfg.rollout, cfg.learner
+    assert demand["GPU"] == t.num_replicas * t.pool.num_gpus + r.num_workers * r.num_gpus + lr.num_workers * lr.num_gpus
+    assert demand["teacher_node"] == t.num_replicas and demand["student_node"] == r.num_workers + lr.num_workers

@@ -23,7 +23,7 @@ import torch
 from ray.exceptions import RayActorError
 from ray.util.queue import Queue
 
-from ..config import RunConfig, dump_config
+from ..config import ConfigError, RunConfig, dump_config
 from ..rollout import RECIPES
 from ..trainer import (flops, prepare_run_dir, read_checkpoint, resolve_teacher_path, trim_metrics,
                        write_checkpoint)
@@ -37,18 +37,18 @@ MAX_BATCH_RETRIES = 8
 PRODUCED_KEYS = ("prompts_consumed", "rolled_out", "scored", "sampler_forwards", "generated_tokens", "retried")
 
 
-def connect(cfg: RunConfig, log: Callable = print) -> None:
+def connect(cfg: RunConfig, log: Callable = print) -> bool:
     """Join the cluster named by `ray.address` / $RAY_ADDRESS (set inside `ray job submit`), else start
-    an embedded local Ray with the dashboard on `ray.dashboard_host`."""
+    an embedded local Ray with the dashboard on `ray.dashboard_host`. True when the Ray is embedded."""
     if ray.is_initialized():
-        return
+        return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # No runtime_env here: inside `ray job submit` it would compete with the job's (working_dir); actors
     # set their own thread counts.
     if address:
         ray.init(address=address, namespace=cfg.ray.namespace)
         log(f"[ray] connected to {address}")
-        return
+        return False
     system = {"metrics_report_interval_ms": 1000}
     kwargs = {"_metrics_export_port": cfg.ray.metrics_export_port} if cfg.ray.metrics_export_port else {}
     ray.init(address="local", namespace=cfg.ray.namespace, num_cpus=cfg.ray.num_cpus,
@@ -56,6 +56,31 @@ def connect(cfg: RunConfig, log: Callable = print) -> None:
              _system_config=system, **kwargs)
     ctx = ray.get_runtime_context()
     log(f"[ray] started an embedded Ray (dashboard: {getattr(ctx, 'dashboard_url', None) or 'off'})")
+    return True
+
+
+def pool_demand(cfg: RunConfig) -> dict[str, float]:
+    """Total Ray resources the three pools ask for."""
+    demand: dict[str, float] = {}
+    for count, pool in ((cfg.teacher.num_replicas, cfg.teacher.pool), (cfg.rollout.num_workers, cfg.rollout),
+                        (cfg.learner.num_workers, cfg.learner)):
+        for key, value in (("CPU", pool.num_cpus), ("GPU", pool.num_gpus), *(pool.resources or {}).items()):
+            if value:
+                demand[key] = demand.get(key, 0.0) + count * value
+    return demand
+
+
+def check_capacity(cfg: RunConfig, embedded: bool, log: Callable = print) -> None:
+    """Fail fast when the pools cannot all be placed: Ray would otherwise leave an actor pending forever."""
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in pool_demand(cfg).items() if v > have.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    detail = ", ".join(f"{k}: pools need {need:g}, cluster has {got:g}" for k, (need, got) in short.items())
+    if embedded:
+        raise ConfigError(f"the pools do not fit on this Ray ({detail}); lower rollout.num_workers / "
+                          "*.num_cpus (per-pool `num_cpus` may be fractional, e.g. 0.5) or raise ray.num_cpus")
+    log(f"[ray] warning: the pools do not fit the cluster as it is now ({detail}); waiting for the autoscaler")
 
 
 def _options(pool, name: str, **extra) -> dict:
@@ -71,7 +96,8 @@ def _options(pool, name: str, **extra) -> dict:
 class RayTrainer:
     def __init__(self, cfg: RunConfig, log: Callable = print):
         self.cfg, self.log = cfg, log
-        connect(cfg, log)
+        embedded = connect(cfg, log)
+        check_capacity(cfg, embedded, log)
         self.teacher_path = resolve_teacher_path(cfg, log)
         self.metrics = Metrics("driver")
         # Everything is named (dashboard, `ray.get_actor`); the pools die with the job.
