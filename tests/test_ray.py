@@ -140,3 +140,26 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
     # Both ranks took identical optimiser steps (same averaged gradients).
     s0, s1 = (w["optimizer"]["state"] for w in weights)
     assert all((s0[k]["exp_avg"] - s1[k]["exp_avg"]).abs().max() == 0 for k in s0)
+
+
+@pytest.mark.slow
+def test_stale_batch_is_dropped_and_counted(micro_teacher, tmp_path, local_ray):
+    from ar2dlm_ray.cluster.driver import RayTrainer
+
+    cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
+        "train.max_steps": 3, "learner.max_staleness": 1, "learner.stale_policy": "drop"}))
+    trainer = RayTrainer(cfg, lambda *a: None)
+    try:
+        ray.get(trainer.learners[0].publish.remote(0))
+        stale = ray.get(trainer.workers[0].produce.remote(50, 0, to_queue=False))
+        stale["stats"]["version"] = -5
+        trainer.queue.put(stale)
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    acc = summary["accounting"]
+    metrics = _metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(50 not in m["batches"] for m in metrics), "a stale batch was trained on"
+    assert acc["dropped_stale"] == stale["stats"]["rolled_out"] > 0 and acc["regenerated"] == 0
+    assert acc["trained_on"] == 3 * cfg.train.rollout_batch_size
