@@ -160,7 +160,7 @@ def cmd_bench(args) -> None:
         student = build_student(cfg, resolve_teacher_path(cfg, _log))
     from .data import load_corpus, text_prompts
 
-    texts = text_prompts(load_corpus(cfg.data).heldout_texts, student.tokenizer, args.batch, cfg.data.prompt_tokens, 0)
+    texts = text_prompts(load_corpus(cfg.data).eval_texts, student.tokenizer, args.batch, cfg.data.prompt_tokens, 0)
     prompts = [student.tokenizer.encode(t, add_special_tokens=False) for t in texts]
     sampler = cfg.sampler.model_copy(update={"max_new_tokens": args.max_new_tokens})
     result = bench_sampler(student, prompts, sampler, args.repeats)
@@ -175,6 +175,22 @@ def cmd_import_gguf(args) -> None:
     gguf = Path(args.gguf) if args.gguf else packaged_gguf(args.package)
     out = import_gguf(gguf, args.out)
     _log(json.dumps({"model": str(out), "gguf": str(gguf)}))
+
+
+def cmd_experiment(args) -> None:
+    from .config import load_experiment_config
+    from .experiment import Experiment, format_headline
+
+    exp = load_experiment_config(args.config, args.overrides, smoke=args.smoke)
+    updates = {k: v for k, v in (("parallel", args.parallel), ("results_dir", args.results_dir),
+                                 ("work_dir", args.work_dir)) if v is not None}
+    exp = exp.model_copy(update=updates)
+    experiment = Experiment(exp, _log)
+    if args.summarize_only:
+        _log(format_headline(experiment.summarize()))
+    else:
+        experiment.run()
+    _log(f"[experiment] summary, report and plots in {experiment.out}")
 
 
 def _add_overrides(p) -> None:
@@ -252,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the result JSON here")
     _add_overrides(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("experiment", help="recipes x seeds at matched training-token budgets: summary, plots")
+    p.add_argument("--config", required=True, help="an experiment YAML, e.g. configs/experiments/micro_ablation.yaml")
+    p.add_argument("--smoke", action="store_true", help="the config's quick variant (its `smoke:` section)")
+    p.add_argument("--parallel", type=int, default=None, help="runs at once on the local Ray (default: CPU count)")
+    p.add_argument("--results-dir", default=None, help="default: the config's results_dir (results/)")
+    p.add_argument("--work-dir", default=None, help="training state of unfinished runs (default: runs/experiments)")
+    p.add_argument("--summarize-only", action="store_true", help="rebuild summary, report and plots from finished runs")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("demo", help="the main job: pretrain/reuse teacher, convert, train, evaluate, print table")
     p.add_argument("--config", default=DEFAULT_CONFIG)

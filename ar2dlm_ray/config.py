@@ -276,21 +276,23 @@ def _format_validation(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(tree).__name__}")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML file (or the defaults), apply `key.sub=value` overrides, validate everything."""
-    tree: dict = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(tree).__name__}")
-        source = str(path)
+    tree: dict = _read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
     for text in overrides:
         keys, value = parse_override(text)
         _set_dotted(tree, keys, value, text)
@@ -304,3 +306,79 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def dump_config(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json")
+
+
+# ---- experiments (`ar2dlm experiment`) -------------------------------------------------------------------
+Recipe = Literal["opdlm", "opdlm_off", "kd_off", "sft", "bd3lm"]
+
+
+class ExperimentConfig(_Strict):
+    """Several recipes x seeds trained from one teacher and evaluated at matched training-token budgets."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="results go to <results_dir>/<name>")
+    run_config: str = Field(description="the run YAML every arm starts from (model, sampler, data, eval ...)")
+    overrides: list[str] = Field(default_factory=list, description="run-config overrides shared by all arms")
+    arms: list[Recipe] = Field(default_factory=lambda: ["bd3lm", "sft", "kd_off", "opdlm_off", "opdlm"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    budgets: list[int] = Field(min_length=1, description="training tokens at which every arm is evaluated")
+    extra_budgets: dict[Recipe, list[int]] = Field(
+        default_factory=dict, description="larger budgets for some arms (e.g. bd3lm) to find where they reach the target")
+    target_fraction: float = Field(0.9, gt=0.0, le=1.0, description="tokens-to-target: this share of the teacher's accuracy")
+    headline_gamma: float = Field(0.9, gt=0.0, lt=1.0, description="dynamic threshold of the static-to-dynamic headline")
+    parallel: int | None = Field(None, gt=0, description="runs at once on the local Ray (default: the CPU count)")
+    results_dir: str = "results"
+    work_dir: str = Field("runs/experiments", description="training state of unfinished runs (not results)")
+    smoke: dict[str, Any] = Field(default_factory=dict, description="--smoke: fields replaced; its overrides are appended")
+
+    @field_validator("arms", "seeds")
+    @classmethod
+    def _unique(cls, value: list):
+        if len(set(value)) != len(value):
+            raise ValueError(f"repeated entries in {value}")
+        return value
+
+    @field_validator("budgets")
+    @classmethod
+    def _increasing(cls, value: list[int]):
+        if any(b <= 0 for b in value) or any(b >= c for b, c in zip(value, value[1:])):
+            raise ValueError(f"budgets must be positive and strictly increasing, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _extra_after_common(self) -> "ExperimentConfig":
+        for arm, extra in self.extra_budgets.items():
+            if arm not in self.arms:
+                raise ValueError(f"extra_budgets names {arm!r}, which is not among arms {self.arms}")
+            if not extra or extra[0] <= self.budgets[-1] or any(b >= c for b, c in zip(extra, extra[1:])):
+                raise ValueError(f"extra_budgets.{arm} must be strictly increasing and start above the last "
+                                 f"common budget ({self.budgets[-1]}), got {extra}")
+        return self
+
+    def budgets_for(self, arm: str) -> list[int]:
+        return self.budgets + self.extra_budgets.get(arm, [])
+
+
+def load_experiment_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                           smoke: bool = False) -> ExperimentConfig:
+    """An experiment YAML; `overrides` (key.sub=value) go to every arm's run config, which is validated
+    here so that a typo fails before any training starts."""
+    tree = _read_yaml(path)
+    source = str(path) + (" (smoke)" if smoke else "")
+    if smoke:
+        variant = tree.get("smoke") or {}
+        if not variant:
+            raise ConfigError(f"{path}: --smoke needs a `smoke:` section (fields to replace for a quick run)")
+        for key, value in variant.items():
+            tree[key] = list(tree.get("overrides", [])) + list(value) if key == "overrides" else value
+        tree["name"] = f"{tree.get('name', 'experiment')}_smoke"
+    tree["overrides"] = list(tree.get("overrides", [])) + list(overrides)
+    try:
+        exp = ExperimentConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None
+    run_path = Path(exp.run_config)
+    if not run_path.is_absolute() and not run_path.exists():
+        run_path = Path(path).parent / exp.run_config  # relative to the experiment file
+    exp.run_config = str(run_path)
+    load_config(exp.run_config, exp.overrides)
+    return exp

@@ -71,6 +71,24 @@ class Corpus:
     train_texts: list[str]
     heldout_texts: list[str]
 
+    # The held-out documents serve two readers that must not see each other's text: bd3lm trains on the
+    # first half of each document (the standard conversion corpus, unseen by the teacher) and evaluation
+    # reads the second half.
+    @property
+    def conversion_texts(self) -> list[str]:
+        return [_halves(t)[0] for t in self.heldout_texts]
+
+    @property
+    def eval_texts(self) -> list[str]:
+        return [_halves(t)[1] for t in self.heldout_texts]
+
+
+def _halves(text: str) -> tuple[str, str]:
+    """A document cut at the line break nearest its middle (mid-text when it has none)."""
+    mid = len(text) // 2
+    cut = text.rfind("\n", 0, mid) + 1 or text.find("\n", mid) + 1 or mid
+    return text[:cut], text[cut:]
+
 
 def _split(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
     """Split by document, decided per document by a hash of its text, so adding a source never moves

@@ -103,9 +103,9 @@ class EvalData:
         ev = cfg.eval
         self.examples = task_suite_for(cfg, teacher_path).heldout_examples(ev.num_task_prompts, ev.seed)
         corpus = load_corpus(cfg.data)
-        texts = text_prompts(corpus.heldout_texts, tokenizer, ev.num_text_prompts, cfg.data.prompt_tokens, ev.seed)
+        texts = text_prompts(corpus.eval_texts, tokenizer, ev.num_text_prompts, cfg.data.prompt_tokens, ev.seed)
         self.text_prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        self.chunks = corpus_chunks(corpus.heldout_texts, tokenizer, cfg.data.corpus_seq_len, ev.num_text_prompts,
+        self.chunks = corpus_chunks(corpus.eval_texts, tokenizer, cfg.data.corpus_seq_len, ev.num_text_prompts,
                                     ev.seed + 1)
 
 

@@ -73,7 +73,7 @@ class LocalTrainer:
         if self.recipe.source == "corpus":
             from .data import corpus_chunks, load_corpus
 
-            self.corpus = corpus_chunks(load_corpus(cfg.data).heldout_texts, tok, cfg.data.corpus_seq_len,
+            self.corpus = corpus_chunks(load_corpus(cfg.data).conversion_texts, tok, cfg.data.corpus_seq_len,
                                         len(self.prompts), cfg.data.seed)
         self.order = PromptOrder(len(self.prompts), cfg.train.rollout_batch_size, cfg.train.seed)
         per_epoch = self.order.batches_per_epoch * cfg.train.updates_per_batch
@@ -99,7 +99,9 @@ class LocalTrainer:
         rollouts, forwards = student_rollouts(self.student, prompts, indices, self.cfg, gen_len, seed, self.step)
         return rollouts, {"sampler_forwards": forwards}
 
-    def run(self, resume: bool = False) -> dict:
+    def run(self, resume: bool = False, after_batch: Callable[["LocalTrainer"], bool] | None = None) -> dict:
+        """Train to `train.max_steps`; `after_batch(self)` runs after each rollout batch (checkpointed or
+        not) and stops training early by returning True (the experiment runner's budget evaluations)."""
         cfg = self.cfg
         metrics_path = prepare_run_dir(cfg, self.out_dir, resume, self._resume)
         since_ckpt = 0
@@ -154,6 +156,8 @@ class LocalTrainer:
             if since_ckpt >= cfg.train.checkpoint_every or self.step >= self.total_steps:
                 self.checkpoint()
                 since_ckpt = 0
+            if after_batch is not None and after_batch(self):
+                break
         final = self.student.save(self.out_dir / "final")
         summary = {"final_student": str(final), "steps": self.step, "accounting": dict(self.accounting),
                    **self.flops()}

@@ -86,6 +86,10 @@ def test_shakespeare_corpus(cache_dir, corpus):
     assert len(corpus.train_texts) + len(corpus.heldout_texts) == 42
     again = load_corpus(DataConfig(), cache_dir)
     assert again.heldout_texts == corpus.heldout_texts
+    # bd3lm's conversion text and the evaluation text are disjoint halves of the held-out documents.
+    for doc, conv, ev in zip(corpus.heldout_texts, corpus.conversion_texts, corpus.eval_texts):
+        assert conv + ev == doc and conv.endswith("\n") and abs(len(conv) - len(ev)) < len(doc) // 10
+        assert ev[:200] not in conv
 
 
 def test_extra_sources(tmp_path, cache_dir):

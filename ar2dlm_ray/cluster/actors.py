@@ -106,7 +106,7 @@ class RolloutWorker:
         if self.recipe.source == "corpus":
             from ..data import corpus_chunks, load_corpus
 
-            self.corpus = corpus_chunks(load_corpus(cfg.data).heldout_texts, tok, cfg.data.corpus_seq_len,
+            self.corpus = corpus_chunks(load_corpus(cfg.data).conversion_texts, tok, cfg.data.corpus_seq_len,
                                         len(self.prompts), cfg.data.seed)
         self.teacher = TeacherClient([ray.get_actor(n) for n in teacher_names], start=index)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))

@@ -1,0 +1,378 @@
+"""Experiments (OPDLM.md §8-§9): recipes x seeds trained from one teacher, each evaluated whenever its
+training tokens pass a budget, then summarised with 95 % intervals, headline figures and plots.
+
+Layout of `<results_dir>/<name>/`:
+  runs/<arm>-s<seed>.json   a finished run: one evaluation per budget (its presence means "done")
+  reference.json            the AR teacher and the converted student before any training
+  summary.json, report.md, *.png
+Unfinished runs keep their training state under `<work_dir>/<name>/<arm>-s<seed>/` and resume from the
+checkpoint written after their last evaluation.
+
+All arms hold the learning rate constant after warm-up: a budget sweep evaluates one run at several
+points, and a schedule tied to the run's end would make early budgets see a different learning rate
+from one arm (or budget list) to another.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import ExperimentConfig, RunConfig, dump_config, load_config
+
+RUN_STEPS = 1_000_000_000  # runs end at their last budget, never by step count
+# Two-sided 95 % Student-t quantiles by degrees of freedom; beyond 10, 1.96 + 2.5/dof is within 0.01.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    arm: str
+    seed: int
+    budgets: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}-s{self.seed}"
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean and 95 % Student-t interval (the interval is the mean itself for one value)."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    n = len(vals)
+    if n == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    mean = sum(vals) / n
+    if n == 1:
+        return {"mean": mean, "lo": mean, "hi": mean, "n": 1}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = T975.get(n - 1, 1.96 + 2.5 / (n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def code_version() -> str:
+    """The git commit of the code (with -dirty for uncommitted changes), else the package version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        from importlib.metadata import version
+
+        return f"ar2dlm_ray {version('ar2dlm_ray')}"
+
+
+def _atomic_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+class Experiment:
+    def __init__(self, exp: ExperimentConfig, log: Callable = print):
+        self.exp, self.log = exp, log
+        self.out = Path(exp.results_dir) / exp.name
+        self.work = Path(exp.work_dir) / exp.name
+        self.base = load_config(exp.run_config, exp.overrides)
+
+    def specs(self) -> list[RunSpec]:
+        # Seed-major, so that a partial experiment already holds every arm for its first seeds.
+        return [RunSpec(arm, seed, tuple(self.exp.budgets_for(arm))) for seed in self.exp.seeds for arm in self.exp.arms]
+
+    def run_config(self, spec: RunSpec, teacher_path: str) -> RunConfig:
+        lr = self.base.train.lr
+        return load_config(self.exp.run_config, [
+            *self.exp.overrides, f"model.teacher={teacher_path}", f"train.recipe={spec.arm}",
+            f"train.seed={spec.seed}", f"train.out_dir={self.work / spec.key}", f"train.max_steps={RUN_STEPS}",
+            f"train.checkpoint_every={RUN_STEPS}", f"train.min_lr={lr}", "logging.progress=false"])
+
+    # ---- running ------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from .trainer import resolve_teacher_path
+
+        start = time.perf_counter()
+        teacher_path = resolve_teacher_path(self.base, self.log)
+        todo = [s for s in self.specs() if not (self.out / "runs" / f"{s.key}.json").is_file()]
+        self.log(f"[experiment] {self.exp.name}: {len(self.specs())} runs ({len(self.exp.arms)} arms x "
+                 f"{len(self.exp.seeds)} seeds), {len(self.specs()) - len(todo)} already finished; results in {self.out}")
+        if not (self.out / "reference.json").is_file():
+            _atomic_json(self.out / "reference.json", reference_rows(self.base, teacher_path))
+            self.log("[experiment] evaluated the teacher and the converted student before training")
+        parallel = min(len(todo), self.exp.parallel or os.cpu_count() or 1)
+        threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
+        if parallel > 1:
+            self._run_on_ray(todo, teacher_path, parallel, threads, start)
+        else:
+            for i, spec in enumerate(todo):
+                run_one(self, spec, teacher_path, threads, self.log)
+                self._progress(i + 1, len(todo), spec, start)
+        summary = self.summarize(wall_s=time.perf_counter() - start)
+        self.log(format_headline(summary))
+        return summary
+
+    def _run_on_ray(self, todo: list[RunSpec], teacher_path: str, parallel: int, threads: int, start: float) -> None:
+        import ray
+
+        from .cluster.driver import connect
+
+        cfg = self.base.model_copy(update={"ray": self.base.ray.model_copy(update={"num_cpus": parallel})})
+        embedded = connect(cfg, self.log)
+        remote = ray.remote(num_cpus=1, max_retries=0)(_run_remote)
+        try:
+            pending = {remote.remote(self, spec, teacher_path, threads): spec for spec in todo}
+            done = 0
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                spec = pending.pop(ready[0])
+                ray.get(ready[0])  # re-raises a run's failure; finished runs are already on disk
+                done += 1
+                self._progress(done, len(todo), spec, start)
+        finally:
+            if embedded:
+                ray.shutdown()
+
+    def _progress(self, done: int, total: int, spec: RunSpec, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        self.log(f"[experiment] {done}/{total} runs finished (last: {spec.key}); {elapsed / 60:.1f} min elapsed, "
+                 f"about {elapsed / done * (total - done) / 60:.1f} min to go")
+
+    # ---- summarising ------------------------------------------------------------------------------------
+    def finished_runs(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((self.out / "runs").glob("*.json"))]
+
+    def summarize(self, wall_s: float | None = None) -> dict:
+        runs = self.finished_runs()
+        if not runs:
+            raise FileNotFoundError(f"no finished runs in {self.out / 'runs'}; run the experiment first")
+        reference = json.loads((self.out / "reference.json").read_text())
+        arms: dict = {}
+        for arm in self.exp.arms:
+            rows = [e for r in runs if r["arm"] == arm for e in r["evals"]]
+            by_budget: dict = {}
+            for budget in self.exp.budgets_for(arm):
+                at = [e for e in rows if e["budget"] == budget]
+                if at:
+                    metrics = [k for k, v in at[0].items() if isinstance(v, (int, float)) and k not in ("budget", "seed")]
+                    by_budget[str(budget)] = {k: mean_ci([e[k] for e in at]) for k in metrics}
+            arms[arm] = by_budget
+        summary = {
+            "experiment": self.exp.name, "code_version": code_version(),
+            "config": self.exp.model_dump(mode="json"), "run_config": dump_config(self.base),
+            "reference": reference, "arms": arms,
+            "runs": {f"{r['arm']}-s{r['seed']}": {"wall_s": r["wall_s"], "accounting": r["accounting"]} for r in runs},
+            "complete": len(runs) == len(self.specs()),
+        }
+        if wall_s is not None:
+            summary["wall_s"] = wall_s
+        previous = self.out / "summary.json"
+        if wall_s is None and previous.is_file():  # re-summarising keeps the measured wall time
+            summary["wall_s"] = json.loads(previous.read_text()).get("wall_s")
+        summary["headline"] = headline(summary, self.exp, runs)
+        _atomic_json(previous, summary)
+        (self.out / "report.md").write_text(format_report(summary, self.exp))
+        from .plots import plot_experiment
+
+        plot_experiment(summary, self.exp, self.out)
+        return summary
+
+
+def reference_rows(cfg: RunConfig, teacher_path: str) -> dict:
+    """The AR teacher's row and the converted student's row before training (shared by every arm)."""
+    from .evaluate import EvalData, evaluate_student, evaluate_teacher
+    from .student import load_causal_lm
+    from .teacher import HFTeacher
+    from .trainer import build_student
+
+    model, tok = load_causal_lm(teacher_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
+    teacher = HFTeacher(model, tok, None, cfg.teacher.batch_size)
+    data = EvalData(cfg, tok, teacher_path)
+    return {"teacher": evaluate_teacher(teacher, cfg, data),
+            "before": evaluate_student(build_student(cfg, teacher_path), teacher, cfg, data)}
+
+
+def _run_remote(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: int) -> dict:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per model load, from every worker, buries the progress lines
+    return run_one(experiment, spec, teacher_path, threads, print)
+
+
+def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: int, log: Callable) -> dict:
+    """Train one arm with one seed, evaluating each time its training tokens pass the next budget.
+
+    After every evaluation the trainer is checkpointed, so an interrupted run resumes from its last
+    evaluated budget with the same data order and rollouts."""
+    from .evaluate import EvalData, evaluate_student
+    from .student import load_causal_lm
+    from .teacher import HFTeacher
+    from .trainer import LocalTrainer
+
+    torch.set_num_threads(threads)
+    result_path = experiment.out / "runs" / f"{spec.key}.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    cfg = experiment.run_config(spec, teacher_path)
+    work = Path(cfg.train.out_dir)
+    evals_path = work / "evals.jsonl"
+    latest = work / "checkpoints" / "latest.json"
+    resume = latest.is_file()
+    evals: list[dict] = []
+    if resume:
+        step = json.loads(latest.read_text())["step"]
+        evals = [json.loads(ln) for ln in evals_path.read_text().splitlines() if ln] if evals_path.is_file() else []
+        evals = [e for e in evals if e["step"] <= step]
+        log(f"[experiment] {spec.key}: resuming at step {step} with {len(evals)} budgets evaluated")
+    work.mkdir(parents=True, exist_ok=True)
+    evals_path.write_text("".join(json.dumps(e) + "\n" for e in evals))
+    pending = [b for b in spec.budgets if b not in {e["budget"] for e in evals}]
+
+    trainer = LocalTrainer(cfg, log=lambda *a, **k: None)
+    model, tok = load_causal_lm(teacher_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
+    judge = HFTeacher(model, tok, None, cfg.teacher.batch_size)  # full-vocabulary teacher for evaluation
+    data = EvalData(cfg, tok, teacher_path)
+    start, train_s = time.perf_counter(), 0.0
+    mark = time.perf_counter()
+
+    def after_batch(tr: LocalTrainer) -> bool:
+        nonlocal train_s, mark
+        while pending and tr.accounting["tokens_trained"] >= pending[0]:
+            train_s += time.perf_counter() - mark
+            t0 = time.perf_counter()
+            row = {"arm": spec.arm, "seed": spec.seed, "budget": pending.pop(0), "step": tr.step,
+                   "tokens_trained": tr.accounting["tokens_trained"],
+                   "sampler_forwards": tr.accounting["sampler_forwards"], **tr.flops(),
+                   **evaluate_student(tr.student, judge, cfg, data)}
+            row["eval_s"], row["train_s"] = time.perf_counter() - t0, train_s
+            with evals_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            evals.append(row)
+            tr.checkpoint()
+            log(f"[experiment] {spec.key} @ {row['tokens_trained']} tokens (budget {row['budget']}): "
+                f"acc static {row['task_acc_static']:.3f}, on-policy KL {row['on_policy_kl']:.3f}, "
+                f"NELBO {row['heldout_nelbo']:.3f} ({train_s:.0f}s training, {row['eval_s']:.0f}s eval)")
+            mark = time.perf_counter()
+        return not pending
+
+    if pending:
+        trainer.run(resume=resume, after_batch=after_batch)
+    result = {"arm": spec.arm, "seed": spec.seed, "evals": evals, "accounting": dict(trainer.accounting),
+              "wall_s": time.perf_counter() - start, "teacher": teacher_path}
+    _atomic_json(result_path, result)
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the result is written; keep only `final/`
+    return result
+
+
+# ---- headline figures -----------------------------------------------------------------------------------
+def _mean(summary: dict, arm: str, budget, metric: str):
+    cell = summary["arms"].get(arm, {}).get(str(budget), {}).get(metric)
+    return cell["mean"] if cell else None
+
+
+def tokens_to_target(summary: dict, exp: ExperimentConfig, arm: str, target: float) -> dict:
+    """First budget at which the arm's mean static accuracy reaches `target`, and the training tokens
+    there interpolated linearly in log-tokens from the budget before (None when never reached)."""
+    prev = None
+    for budget in exp.budgets_for(arm):
+        acc, tokens = _mean(summary, arm, budget, "task_acc_static"), _mean(summary, arm, budget, "tokens_trained")
+        if acc is None:
+            continue
+        if acc >= target:
+            if prev is None or prev[0] >= acc:
+                return {"budget": budget, "tokens": tokens}
+            frac = (target - prev[0]) / (acc - prev[0])
+            est = math.exp(math.log(prev[1]) + frac * (math.log(tokens) - math.log(prev[1])))
+            return {"budget": budget, "tokens": est}
+        prev = (acc, tokens)
+    last = exp.budgets_for(arm)[-1]
+    return {"budget": None, "tokens": None, "not_reached_by": _mean(summary, arm, last, "tokens_trained")}
+
+
+def _paired(runs: list[dict], arm_a: str, key_a: str, arm_b: str, key_b: str, budget: int) -> dict:
+    """Mean and interval of (arm_a[key_a] - arm_b[key_b]) over seeds, paired by seed, at one budget."""
+    def at(arm):
+        return {r["seed"]: e for r in runs if r["arm"] == arm for e in r["evals"] if e["budget"] == budget}
+
+    a, b = at(arm_a), at(arm_b)
+    return mean_ci([a[s][key_a] - b[s][key_b] for s in sorted(set(a) & set(b))])
+
+
+def headline(summary: dict, exp: ExperimentConfig, runs: list[dict]) -> dict:
+    teacher_acc = summary["reference"]["teacher"]["task_acc_static"]
+    best = max((c["task_acc_static"]["mean"] for arm in summary["arms"].values() for c in arm.values()), default=0.0)
+    target = min(exp.target_fraction * teacher_acc, best)
+    reach = {arm: tokens_to_target(summary, exp, arm, target) for arm in exp.arms}
+    out: dict = {"teacher_acc": teacher_acc, "best_acc": best, "target_acc": target, "tokens_to_target": reach}
+    if "bd3lm" in reach and "opdlm" in reach and reach["opdlm"]["tokens"]:
+        bd, op = reach["bd3lm"], reach["opdlm"]["tokens"]
+        out["bd3lm_over_opdlm"] = bd["tokens"] / op if bd["tokens"] else None
+        out["bd3lm_over_opdlm_at_least"] = None if bd["tokens"] else bd["not_reached_by"] / op
+    largest = exp.budgets[-1]
+    out["largest_common_budget"] = largest
+    dyn = f"task_acc_dynamic@{exp.headline_gamma}"
+    out["static_to_dynamic"] = {arm: _paired(runs, arm, dyn, arm, "task_acc_static", largest)
+                                for arm in ("sft", "opdlm") if arm in exp.arms}
+    out["vs_kd_off"] = {arm: _paired(runs, arm, "task_acc_static", "kd_off", "task_acc_static", largest)
+                        for arm in ("opdlm", "opdlm_off") if arm in exp.arms and "kd_off" in exp.arms}
+    return out
+
+
+def _fmt(cell: dict | None, digits: int = 3) -> str:
+    if not cell or cell.get("mean") is None:
+        return "-"
+    if cell["n"] < 2:
+        return f"{cell['mean']:.{digits}f}"
+    return f"{cell['mean']:.{digits}f} ± {(cell['hi'] - cell['lo']) / 2:.{digits}f}"
+
+
+def format_headline(summary: dict) -> str:
+    h = summary["headline"]
+    lines = [f"[experiment] target accuracy {h['target_acc']:.3f} (teacher {h['teacher_acc']:.3f}, "
+             f"best arm {h['best_acc']:.3f})"]
+    for arm, r in h["tokens_to_target"].items():
+        reached = f"{r['tokens']:.0f} tokens" if r["tokens"] else f"not reached by {r['not_reached_by']:.0f} tokens"
+        lines.append(f"  tokens to target, {arm}: {reached}")
+    if h.get("bd3lm_over_opdlm"):
+        lines.append(f"  bd3lm / opdlm tokens to target: {h['bd3lm_over_opdlm']:.1f}x")
+    elif h.get("bd3lm_over_opdlm_at_least"):
+        lines.append(f"  bd3lm / opdlm tokens to target: more than {h['bd3lm_over_opdlm_at_least']:.1f}x")
+    for arm, d in h["static_to_dynamic"].items():
+        lines.append(f"  {arm}: accuracy change static -> dynamic at the largest common budget: {_fmt(d)}")
+    for arm, d in h["vs_kd_off"].items():
+        lines.append(f"  {arm} - kd_off, static accuracy at the largest common budget: {_fmt(d)}")
+    return "\n".join(lines)
+
+
+REPORT_METRICS = ("tokens_trained", "task_acc_static", "task_acc_dynamic@0.9", "tpf_dynamic@0.9", "gen_teacher_nll",
+                  "gen_distinct_2", "heldout_nelbo", "on_policy_kl", "flops_paper", "flops_with_sampler")
+
+
+def format_report(summary: dict, exp: ExperimentConfig) -> str:
+    """A Markdown table (mean ± 95 % half-interval over seeds) of every arm at every budget."""
+    metrics = [m for m in REPORT_METRICS if any(m in c for arm in summary["arms"].values() for c in arm.values())]
+    head = "| arm | budget | " + " | ".join(metrics) + " |"
+    lines = [f"# {summary['experiment']}", "", f"code {summary['code_version']}; "
+             f"{len(summary['runs'])} runs; wall time {(summary.get('wall_s') or 0) / 60:.1f} min (this invocation)", "",
+             head, "|" + " --- |" * (len(metrics) + 2)]
+    ref = summary["reference"]
+    for name in ("teacher", "before"):
+        row = ref[name]
+        lines.append(f"| {name} | 0 | " + " | ".join(
+            "-" if row.get(m) is None else f"{row[m]:.3g}" for m in metrics) + " |")
+    for arm, budgets in summary["arms"].items():
+        for budget, cells in budgets.items():
+            vals = [_fmt(cells.get(m), 0 if m.startswith(("tokens", "flops")) else 3) if not m.startswith("flops")
+                    else f"{cells[m]['mean']:.3g}" for m in metrics]
+            lines.append(f"| {arm} | {budget} | " + " | ".join(vals) + " |")
+    return "\n".join(lines + ["", "```", format_headline(summary), "```", ""])
