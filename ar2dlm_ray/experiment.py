@@ -169,6 +169,7 @@ class Experiment:
             arms[arm] = by_budget
         summary = {
             "experiment": self.exp.name, "code_version": code_version(),
+            "run_code_versions": sorted({r.get("code_version", "?") for r in runs}),
             "config": self.exp.model_dump(mode="json"), "run_config": dump_config(self.base),
             "reference": reference, "arms": arms,
             "runs": {f"{r['arm']}-s{r['seed']}": {"wall_s": r["wall_s"], "accounting": r["accounting"]} for r in runs},
@@ -268,7 +269,7 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
     if pending:
         trainer.run(resume=resume, after_batch=after_batch)
     result = {"arm": spec.arm, "seed": spec.seed, "evals": evals, "accounting": dict(trainer.accounting),
-              "wall_s": time.perf_counter() - start, "teacher": teacher_path}
+              "wall_s": time.perf_counter() - start, "teacher": teacher_path, "code_version": code_version()}
     _atomic_json(result_path, result)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the result is written; keep only `final/`
     return result
