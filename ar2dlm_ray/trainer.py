@@ -29,7 +29,12 @@ from .teacher import build_teacher
 
 
 def resolve_teacher_path(cfg: RunConfig, log: Callable = print) -> str:
-    """The teacher directory; 'micro' pretrains (or reuses) the cached micro teacher."""
+    """The teacher directory; 'micro' pretrains (or reuses) the cached micro teacher, 'gguf:<package>'
+    imports (or reuses) a packaged GGUF checkpoint."""
+    if cfg.model.teacher.startswith("gguf:"):
+        from .models import packaged_model
+
+        return str(packaged_model(cfg.model.teacher))
     if cfg.model.teacher != "micro":
         return cfg.model.teacher
     from .pretrain import pretrain_teacher

@@ -46,13 +46,22 @@ class TeacherServer:
         _setup_process(cfg.ray.actor_threads)
         self.backend = build_teacher(cfg, teacher_path)
         self.metrics = Metrics("teacher")
+        self.served = {"score_calls": 0, "sequences": 0, "tokens": 0}
 
     def info(self) -> dict:
         model = getattr(self.backend, "model", None)
-        return {**_where(), "params": param_count(model) if model is not None else None}
+        return {**_where(), "params": param_count(model) if model is not None else None,
+                "backend": type(self.backend).__name__}
+
+    def load(self) -> dict:
+        """What this replica has scored (since its last start)."""
+        return dict(self.served)
 
     def score(self, pairs):
         start = time.perf_counter()
+        self.served["score_calls"] += 1
+        self.served["sequences"] += len(pairs)
+        self.served["tokens"] += sum(len(p) + len(g) for p, g in pairs)
         out = self.backend.score(pairs)
         self.metrics.set("teacher_tokens_per_s", sum(len(p) + len(g) for p, g in pairs) / (time.perf_counter() - start))
         return out
@@ -86,7 +95,23 @@ class TeacherClient(RoundRobin):
     """The teacher pool as one backend (`score`, `generate`) for the core rollout functions."""
 
     def score(self, pairs):
-        return self._call("score", pairs)
+        """The batch split into one contiguous part per replica, scored concurrently, results in order."""
+        if len(self.handles) < 2 or len(pairs) < 2:
+            return self._call("score", pairs)
+        size = -(-len(pairs) // min(len(self.handles), len(pairs)))
+        parts = [pairs[lo:lo + size] for lo in range(0, len(pairs), size)]
+        refs = []
+        for part in parts:
+            refs.append(self.handles[self.next % len(self.handles)].score.remote(part))
+            self.next += 1
+        out = []
+        for part, ref in zip(parts, refs):
+            try:
+                out.extend(ray.get(ref))
+            except RayActorError:  # that replica died: this part goes through the retrying path
+                self.retries += 1
+                out.extend(self._call("score", part))
+        return out
 
     def generate(self, prompts, max_new_tokens, temperature, seed):
         return self._call("generate", prompts, max_new_tokens, temperature, seed)

@@ -228,12 +228,22 @@ class RayTrainer:
         final = self.out_dir / "final"
         ray.get(self.learners[0].save.remote(str(final)))
         summary = {"final_student": str(final), "steps": self.step, "accounting": dict(self.accounting),
-                   "placement": self.placement,
+                   "placement": self.placement, "teacher_load": self._teacher_load(),
                    **flops(self.accounting, self.n_teacher, self.n_student, self.block_size)}
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log(f"[train] done: {self.step} steps, {self.accounting['tokens_trained']} training tokens, "
                  f"accounting {json.dumps(self.accounting)}, student saved to {final}")
         return summary
+
+    def _teacher_load(self) -> list[dict | None]:
+        """Per replica, what it scored; None for a replica that is gone."""
+        loads = []
+        for teacher in self.teachers:
+            try:
+                loads.append(ray.get(teacher.load.remote(), timeout=30))
+            except Exception:  # noqa: BLE001 - a dead replica has no load to report
+                loads.append(None)
+        return loads
 
     def _step_all(self) -> list[dict]:
         """One optimiser step on every learner rank, feeding the producers meanwhile."""

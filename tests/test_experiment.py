@@ -1,0 +1,109 @@
+"""The experiment runner: the smoke variant of the shipped ablation end to end on a real local Ray, and an
+interrupted run that resumes to exactly the result of an uninterrupted one."""
+
+import json
+import math
+
+import pytest
+
+from ar2dlm_ray.cli import main
+from ar2dlm_ray.config import ConfigError, load_experiment_config
+from ar2dlm_ray.experiment import Experiment, mean_ci
+
+CONFIG = "configs/experiments/micro_ablation.yaml"
+
+
+def test_mean_ci_against_a_direct_computation():
+    values = [0.25, 0.5, 0.75]
+    ci = mean_ci(values)
+    sd = math.sqrt(sum((v - 0.5) ** 2 for v in values) / 2)
+    assert ci["mean"] == pytest.approx(0.5) and ci["n"] == 3
+    assert ci["hi"] - ci["mean"] == pytest.approx(4.303 * sd / math.sqrt(3), rel=1e-3)
+    assert mean_ci([0.3]) == {"mean": 0.3, "lo": 0.3, "hi": 0.3, "n": 1}
+    assert mean_ci([float("nan")])["n"] == 0
+
+
+def test_bad_experiment_config_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: x\nrun_config: {CONFIG.replace('experiments/micro_ablation', 'micro')}\n"
+                   "budgets: [100, 50]\n")
+    with pytest.raises(ConfigError, match="budgets: .*strictly increasing"):
+        load_experiment_config(bad)
+    bad.write_text("name: x\nrun_config: configs/micro.yaml\nbudgets: [100]\noverrides: [train.lrr=1]\n")
+    with pytest.raises(ConfigError, match="train.lrr: unknown key"):
+        load_experiment_config(bad)
+
+
+@pytest.mark.slow
+def test_smoke_experiment_on_ray(tmp_path, capsys):
+    """`ar2dlm experiment --smoke` on the shipped config: every arm and seed evaluated at every budget,
+    intervals, headline figures, report and plots; a second invocation redoes nothing."""
+    args = ["experiment", "--config", CONFIG, "--smoke", "--parallel", "2",
+            "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work")]
+    assert main(args) == 0
+    exp = load_experiment_config(CONFIG, smoke=True)
+    out = tmp_path / "results" / exp.name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and set(summary["arms"]) == set(exp.arms) == {"bd3lm", "sft", "kd_off", "opdlm_off", "opdlm"}
+    assert summary["code_version"] and summary["config"]["seeds"] == exp.seeds
+    for arm, budgets in summary["arms"].items():
+        assert list(budgets) == [str(b) for b in exp.budgets_for(arm)]
+        for budget, cells in budgets.items():
+            acc = cells["task_acc_static"]
+            assert acc["n"] == len(exp.seeds) and acc["lo"] <= acc["mean"] <= acc["hi"]
+            # Matched budgets: each evaluation is the first rollout batch at or past the budget.
+            assert int(budget) <= cells["tokens_trained"]["mean"] < int(budget) + 16 * 16
+            assert cells["flops_with_sampler"]["mean"] >= cells["flops_paper"]["mean"] > 0
+    for run in (out / "runs").glob("*.json"):
+        result = json.loads(run.read_text())
+        assert [e["budget"] for e in result["evals"]] == exp.budgets_for(result["arm"])
+    assert summary["runs"]["bd3lm-s0"]["accounting"]["sampler_forwards"] == 0
+    assert summary["runs"]["opdlm-s0"]["accounting"]["sampler_forwards"] > 0
+    h = summary["headline"]
+    assert h["target_acc"] <= h["best_acc"] and set(h["tokens_to_target"]) == set(exp.arms)
+    assert set(h["static_to_dynamic"]) == {"sft", "opdlm"} and set(h["vs_kd_off"]) == {"opdlm", "opdlm_off"}
+    for png in ("metrics_vs_tokens.png", "accuracy_vs_tokens_per_forward.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| opdlm |" in (out / "report.md").read_text()
+    assert "tokens to target, opdlm" in capsys.readouterr().out
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    assert main(args) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """A run killed after its first budget resumes from the checkpoint written there and ends with the
+    same evaluations as a run that was never interrupted."""
+    import ar2dlm_ray.evaluate as evaluate
+
+    def experiment(root):
+        exp = load_experiment_config(CONFIG, smoke=True).model_copy(update={
+            "arms": ["opdlm"], "seeds": [0], "extra_budgets": {}, "parallel": 1,
+            "results_dir": str(root / "results"), "work_dir": str(root / "work")})
+        return Experiment(exp, log=lambda *a: None)
+
+    clean = experiment(tmp_path / "clean")
+    clean.run()
+    expected = clean.finished_runs()[0]["evals"]
+
+    real, calls = evaluate.evaluate_student, []
+
+    def failing(*args, **kwargs):  # the fault: the process "dies" during the second budget's evaluation
+        calls.append(1)
+        if len(calls) == 3:  # 1: the before-training reference row, 2: first budget, 3: second budget
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    broken = experiment(tmp_path / "broken")
+    monkeypatch.setattr(evaluate, "evaluate_student", failing)
+    with pytest.raises(KeyboardInterrupt):
+        broken.run()
+    monkeypatch.setattr(evaluate, "evaluate_student", real)
+    assert not list((broken.out / "runs").glob("*.json"))
+    assert len((broken.work / "opdlm-s0" / "evals.jsonl").read_text().splitlines()) == 1
+    broken.run()
+    got = broken.finished_runs()[0]["evals"]
+    timing = ("eval_s", "train_s")
+    assert [{k: v for k, v in e.items() if k not in timing} for e in got] == \
+        [{k: v for k, v in e.items() if k not in timing} for e in expected]
