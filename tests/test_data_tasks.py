@@ -134,3 +134,19 @@ def test_corpus_chunks(corpus, tokenizer):
     assert len(chunks) == 20 and all(len(c) == 32 for c in chunks)
     assert chunks == corpus_chunks(corpus.heldout_texts, tokenizer, 32, 20, seed=0)
     assert len({tuple(c) for c in chunks}) == 20
+
+
+def test_chat_prompts_from_chatterbot_corpus(cache_dir, tokenizer):
+    """Real dialogue openings (the chatterbot-corpus wheel, downloaded not installed): distinct, split by
+    hash into disjoint train and held-out parts, and refused clearly for a tokenizer without a template."""
+    from ar2dlm_ray.data import chat_prompts, render_chat, split_by_hash
+
+    prompts = chat_prompts(cache_dir=cache_dir)
+    assert len(prompts) > 300 and len(set(prompts)) == len(prompts)
+    assert "What is AI?" in prompts and all(p == " ".join(p.split()) for p in prompts)
+    train, held = split_by_hash(prompts, 1234)
+    assert not set(train) & set(held) and len(train) + len(held) == len(prompts) and len(held) > 20
+    with pytest.raises(ValueError, match="chat template"):
+        render_chat(tokenizer, "What is AI?")
+    with pytest.raises(ValueError, match="chat template"):
+        build_prompts(DataConfig(prompts="chat"), tokenizer, None, None)

@@ -24,6 +24,15 @@ def test_import_smollm2_gguf_gives_a_working_hf_model(tmp_path):
     with torch.no_grad():
         answer = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:])
     assert "Paris" in answer, answer
+    # The chat prompts of configs/smollm2_135m_cpu.yaml: a user turn, ending where the answer starts.
+    from ar2dlm_ray.data import render_chat
+
+    rendered = render_chat(tok, "What is AI?")
+    assert rendered.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nWhat is AI?<|im_end|>" in rendered
+    direct = tok.apply_chat_template([{"role": "user", "content": "What is AI?"}], add_generation_prompt=True,
+                                     return_tensors="pt")
+    direct = direct if isinstance(direct, torch.Tensor) else direct["input_ids"]
+    assert tok.encode(rendered, add_special_tokens=False) == direct[0].tolist()  # special tokens survive
     # Converted with block size 1 and shift, the real model's logits are unchanged.
     student = convert(copy.deepcopy(model), copy.deepcopy(tok), block_size=1, shift=True)
     n = ids.shape[1]

@@ -110,3 +110,39 @@ def test_vllm_generate_matches_hf_greedy(teachers):
     sampled = vl.generate(prompts, max_new_tokens=8, temperature=1.0, seed=3)
     assert sampled == vl.generate(prompts, max_new_tokens=8, temperature=1.0, seed=3)
     assert all(0 < len(g) <= 8 for g in sampled)
+
+
+def test_ray_teacher_pool_on_vllm(vllm_micro_teacher, micro_teacher, tmp_path):
+    """`teacher.backend: vllm` in the Ray system: two engine replicas share every batch, the run's losses
+    match the local trainer with the HF backend's top-k targets, and an engine that cannot start says why."""
+    import json
+
+    import ray
+    from test_ray import ray_overrides
+
+    from ar2dlm_ray.cluster.driver import train as ray_train
+    from ar2dlm_ray.config import load_config
+    from ar2dlm_ray.trainer import LocalTrainer
+
+    common = {"teacher.top_k": TOP_K, "teacher.max_model_len": 256, "train.max_steps": 3}
+    local = load_config("configs/micro.yaml", ray_overrides(vllm_micro_teacher, tmp_path / "local", **common))
+    LocalTrainer(local, log=lambda *a: None).run()
+    ray.init(address="local", num_cpus=6, include_dashboard=False, namespace="ar2dlm-vllm", log_to_driver=False)
+    try:
+        cfg = load_config("configs/micro.yaml", ray_overrides(vllm_micro_teacher, tmp_path / "ray", mode="ray", **{
+            **common, "teacher.backend": "vllm", "teacher.num_replicas": 2, "learner.max_staleness": 0}))
+        summary = ray_train(cfg, log=lambda *a: None)
+        assert {p["backend"] for p in summary["placement"]["teacher"]} == {"VLLMTeacher"}
+        load = summary["teacher_load"]
+        assert len(load) == 2 and all(r["sequences"] > 0 for r in load)
+        assert sum(r["sequences"] for r in load) == summary["accounting"]["scored"]
+        want = [json.loads(x)["loss"] for x in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+        got = [json.loads(x)["loss"] for x in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
+        assert got == pytest.approx(want, abs=1e-3)
+
+        bad = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path / "bad", mode="ray", **{
+            **common, "teacher.backend": "vllm", "teacher.pool.max_restarts": 0}))
+        with pytest.raises(Exception, match="head size is 24"):
+            ray_train(bad, log=lambda *a: None)
+    finally:
+        ray.shutdown()
