@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import ConfigError, SamplerConfig, load_config
+from .config import ConfigError, SamplerConfig, StartupError, load_config
 
 DEFAULT_CONFIG = "configs/micro.yaml"
 
@@ -331,7 +331,7 @@ def run_guarded(func, *args) -> int:
     hf_logging.disable_progress_bar()
     try:
         func(*args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, StartupError) as exc:
         print(f"ar2dlm: error: {exc}", file=sys.stderr)
         return 2
     return 0

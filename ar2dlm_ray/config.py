@@ -16,6 +16,10 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and how to fix it."""
 
 
+class StartupError(RuntimeError):
+    """A component that cannot start (a teacher engine, an actor); the message says why and what to change."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

