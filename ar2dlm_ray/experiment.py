@@ -284,9 +284,9 @@ def tokens_to_target(summary: dict, exp: ExperimentConfig, arm: str, target: flo
         if acc is None:
             continue
         if acc >= target:
-            if prev is None or prev[0] >= acc:
+            if prev is None:
                 return {"budget": budget, "tokens": tokens}
-            frac = (target - prev[0]) / (acc - prev[0])
+            frac = (target - prev[0]) / (acc - prev[0])  # prev[0] < target <= acc
             est = math.exp(math.log(prev[1]) + frac * (math.log(tokens) - math.log(prev[1])))
             return {"budget": budget, "tokens": est}
         prev = (acc, tokens)
