@@ -23,6 +23,23 @@ def test_mean_ci_against_a_direct_computation():
     assert mean_ci([float("nan")])["n"] == 0
 
 
+def test_tokens_to_target_interpolates_in_log_tokens():
+    from ar2dlm_ray.config import ExperimentConfig
+    from ar2dlm_ray.experiment import tokens_to_target
+
+    exp = ExperimentConfig(name="t", run_config="configs/micro.yaml", arms=["opdlm", "bd3lm"], budgets=[1000, 2000, 4000])
+
+    def cells(acc, tokens):
+        return {"task_acc_static": {"mean": acc}, "tokens_trained": {"mean": tokens}}
+
+    summary = {"arms": {"opdlm": {"1000": cells(0.2, 1000), "2000": cells(0.6, 2000), "4000": cells(0.7, 4000)},
+                        "bd3lm": {"1000": cells(0.1, 1010), "2000": cells(0.2, 2020), "4000": cells(0.3, 4040)}}}
+    # 0.4 is halfway from 0.2 to 0.6: halfway between 1000 and 2000 tokens on a log axis.
+    assert tokens_to_target(summary, exp, "opdlm", 0.4) == {"budget": 2000, "tokens": pytest.approx(1000 * 2 ** 0.5)}
+    assert tokens_to_target(summary, exp, "opdlm", 0.1) == {"budget": 1000, "tokens": 1000}
+    assert tokens_to_target(summary, exp, "bd3lm", 0.4) == {"budget": None, "tokens": None, "not_reached_by": 4040}
+
+
 def test_bad_experiment_config_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"name: x\nrun_config: {CONFIG.replace('experiments/micro_ablation', 'micro')}\n"
