@@ -78,8 +78,9 @@ def heldout_nelbo(student: Student, chunks: list[list[int]], samples: int, seed:
 
 @torch.no_grad()
 def on_policy_kl(student: Student, teacher, prompts: list[list[int]], cfg: SamplerConfig, max_new: int,
-                 seed: int = 0, tail: bool = True) -> float:
-    """Forward KL to the teacher on trajectory states of fresh rollouts (the OPDLM objective)."""
+                 seed: int = 0, tail: bool = True, supervise_eos: bool = False) -> float:
+    """Forward KL to the teacher on trajectory states of fresh rollouts (the OPDLM objective, with the end
+    token's position counted when training counts it: otherwise a student that stops at once looks perfect)."""
     tok = student.tokenizer
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     rollouts = []
@@ -88,7 +89,8 @@ def on_policy_kl(student: Student, teacher, prompts: list[list[int]], cfg: Sampl
         rollouts += [r for r in rollouts_from_sample(out) if r.tokens]
     targets = teacher.score([(r.prompt_ids, r.tokens) for r in rollouts])
     batch = build_batch(rollouts, student.spec, tok.pad_token_id, states="trajectory", eos_ids=eos,
-                        targets=targets, generator=torch.Generator().manual_seed(seed)).to(student.device)
+                        supervise_eos=supervise_eos, targets=targets,
+                        generator=torch.Generator().manual_seed(seed)).to(student.device)
     logits, _ = student.forward(batch.input_ids, batch.positions, batch.allowed)
     return float(objective(logits, batch, student.spec.teacher_vocab_size, tail=tail))
 
@@ -148,7 +150,7 @@ def evaluate_student(student: Student, teacher: HFTeacher, cfg: RunConfig, data:
     result["heldout_nelbo"] = heldout_nelbo(student, data.chunks, ev.nelbo_samples, ev.seed)
     result["on_policy_kl"] = on_policy_kl(student, teacher, data.text_prompts + [
         student.tokenizer.encode(e.prompt, add_special_tokens=False) for e in data.examples[:16]],
-        cfg.sampler, ev.max_new_tokens, ev.seed, cfg.teacher.tail)
+        cfg.sampler, ev.max_new_tokens, ev.seed, cfg.teacher.tail, cfg.train.supervise_eos)
     return result
 
 
