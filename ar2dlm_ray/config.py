@@ -65,6 +65,7 @@ class SamplerConfig(_Strict):
     top_k: int = Field(0, ge=0, description="0 disables top-k filtering")
     use_cache: bool = True
     batch_size: int = Field(16, gt=0)
+    suppress_eos: bool = Field(False, description="never emit the end token (fixed-length measurements)")
 
 
 class PoolResources(_Strict):
@@ -189,6 +190,7 @@ class EvalConfig(_Strict):
     thresholds: list[float] = Field(default_factory=lambda: [0.9])
     nelbo_samples: int = Field(2, gt=0, description="random masks per held-out sequence")
     num_samples_shown: int = Field(4, ge=0, description="generations printed before/after training (demo)")
+    full_length_kl: bool = Field(False, description="also the on-policy KL of rollouts that may not stop early")
     seed: int = 0
 
 

@@ -148,9 +148,16 @@ def evaluate_student(student: Student, teacher: HFTeacher, cfg: RunConfig, data:
     result["gen_tpf"] = tpf
     samples.extend(student.tokenizer.decode(t) for t in tokens[:ev.num_samples_shown])
     result["heldout_nelbo"] = heldout_nelbo(student, data.chunks, ev.nelbo_samples, ev.seed)
-    result["on_policy_kl"] = on_policy_kl(student, teacher, data.text_prompts + [
-        student.tokenizer.encode(e.prompt, add_special_tokens=False) for e in data.examples[:16]],
-        cfg.sampler, ev.max_new_tokens, ev.seed, cfg.teacher.tail, cfg.train.supervise_eos)
+    kl_prompts = data.text_prompts + [student.tokenizer.encode(e.prompt, add_special_tokens=False)
+                                      for e in data.examples[:16]]
+    result["on_policy_kl"] = on_policy_kl(student, teacher, kl_prompts, cfg.sampler, ev.max_new_tokens, ev.seed,
+                                          cfg.teacher.tail, cfg.train.supervise_eos)
+    if ev.full_length_kl:
+        # The same KL on rollouts that may not stop early: comparable between models that stop at different
+        # lengths (a model that ends every answer at once has a small per-token on-policy KL).
+        result["on_policy_kl_full_length"] = on_policy_kl(
+            student, teacher, kl_prompts, cfg.sampler.model_copy(update={"suppress_eos": True}), ev.max_new_tokens,
+            ev.seed, cfg.teacher.tail)
     return result
 
 

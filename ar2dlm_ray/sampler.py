@@ -233,6 +233,8 @@ def sample(student: Student, prompts: list[list[int]], cfg: SamplerConfig, seed:
             key_valid[:, start:start + B] = True
             logits = ctx.block_logits(block, start)
             logits[..., spec.mask_id] = float("-inf")  # the mask token is never a prediction
+            if cfg.suppress_eos and len(eos_ids):
+                logits[..., eos_tensor] = float("-inf")
             tokens, conf = draw(logits, cfg, generator)
             forwards += (active & masked.any(-1)).long()
             commit = choose_commits(conf, masked, quota[min(step, len(quota) - 1)], cfg)

@@ -78,6 +78,9 @@ def test_generation_stops_after_the_block_with_eos(student):
         assert (out.sequences[row, width + n:] == tok.pad_token_id).all()
         assert (out.reveal_steps[row, n:] == -1).all() and (out.reveal_steps[row, :n] >= 0).all()
         assert not out.key_valid[row, width + n:].any()
+    # suppress_eos: no row may stop early or contain the end token.
+    full = sample(student, _prompts(student), cfg.model_copy(update={"suppress_eos": True}), seed=3, eos_ids=[comma])
+    assert (full.gen_lens == 40).all() and all(comma not in full.tokens(r) for r in range(len(full.prompt_ids)))
     assert stopped > 0
 
 
