@@ -156,6 +156,9 @@ class DataConfig(_Strict):
     text_prompt_fraction: float = Field(0.25, ge=0.0, le=1.0)
     prompt_tokens: int = Field(24, gt=0, description="length of text-opening prompts, in tokens")
     corpus_seq_len: int = Field(64, gt=0, description="bd3lm: length of held-out corpus chunks")
+    conversion_corpus: Literal["heldout_text", "pretrain_mix"] = Field(
+        "heldout_text", description="bd3lm's text: held-out text only, or mixed with task documents as in the "
+                                    "micro teacher's pretraining")
     teacher_max_new_tokens: int = Field(64, gt=0, description="sft/kd_off: length of teacher generations")
     seed: int = 1234
 
@@ -324,16 +327,25 @@ def dump_config(cfg: RunConfig) -> dict:
 Recipe = Literal["opdlm", "opdlm_off", "kd_off", "sft", "bd3lm"]
 
 
+class Variant(_Strict):
+    """An arm that is a recipe with other settings (e.g. bd3lm on another corpus)."""
+
+    recipe: Recipe
+    overrides: list[str] = Field(default_factory=list, description="run-config overrides of this arm only")
+
+
 class ExperimentConfig(_Strict):
     """Several recipes x seeds trained from one teacher and evaluated at matched training-token budgets."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="results go to <results_dir>/<name>")
     run_config: str = Field(description="the run YAML every arm starts from (model, sampler, data, eval ...)")
     overrides: list[str] = Field(default_factory=list, description="run-config overrides shared by all arms")
-    arms: list[Recipe] = Field(default_factory=lambda: ["bd3lm", "sft", "kd_off", "opdlm_off", "opdlm"], min_length=1)
+    arms: list[str] = Field(default_factory=lambda: ["bd3lm", "sft", "kd_off", "opdlm_off", "opdlm"], min_length=1,
+                            description="recipes, or names of `variants`")
+    variants: dict[str, Variant] = Field(default_factory=dict, description="named arms: a recipe plus overrides")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     budgets: list[int] = Field(min_length=1, description="training tokens at which every arm is evaluated")
-    extra_budgets: dict[Recipe, list[int]] = Field(
+    extra_budgets: dict[str, list[int]] = Field(
         default_factory=dict, description="larger budgets for some arms (e.g. bd3lm) to find where they reach the target")
     target_fraction: float = Field(0.9, gt=0.0, le=1.0, description="tokens-to-target: this share of the teacher's accuracy")
     headline_gamma: float = Field(0.9, gt=0.0, lt=1.0, description="dynamic threshold of the static-to-dynamic headline")
@@ -358,6 +370,14 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _extra_after_common(self) -> "ExperimentConfig":
+        recipes = set(Recipe.__args__)
+        for arm in self.arms:
+            if arm not in recipes and arm not in self.variants:
+                raise ValueError(f"arm {arm!r} is neither a recipe ({sorted(recipes)}) nor one of variants "
+                                 f"({sorted(self.variants)})")
+        for name in self.variants:
+            if name in recipes:
+                raise ValueError(f"variant {name!r} shadows the recipe of that name; choose another name")
         for arm, extra in self.extra_budgets.items():
             if arm not in self.arms:
                 raise ValueError(f"extra_budgets names {arm!r}, which is not among arms {self.arms}")
@@ -368,6 +388,12 @@ class ExperimentConfig(_Strict):
 
     def budgets_for(self, arm: str) -> list[int]:
         return self.budgets + self.extra_budgets.get(arm, [])
+
+    def recipe_of(self, arm: str) -> str:
+        return self.variants[arm].recipe if arm in self.variants else arm
+
+    def arm_overrides(self, arm: str) -> list[str]:
+        return [*self.overrides, *(self.variants[arm].overrides if arm in self.variants else [])]
 
 
 def load_experiment_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
@@ -392,5 +418,6 @@ def load_experiment_config(path: str | Path, overrides: list[str] | tuple[str, .
     if not run_path.is_absolute() and not run_path.exists():
         run_path = Path(path).parent / exp.run_config  # relative to the experiment file
     exp.run_config = str(run_path)
-    load_config(exp.run_config, exp.overrides)
+    for arm in exp.arms:
+        load_config(exp.run_config, exp.arm_overrides(arm))
     return exp

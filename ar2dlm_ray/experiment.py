@@ -94,7 +94,7 @@ class Experiment:
     def run_config(self, spec: RunSpec, teacher_path: str) -> RunConfig:
         lr = self.base.train.lr
         return load_config(self.exp.run_config, [
-            *self.exp.overrides, f"model.teacher={teacher_path}", f"train.recipe={spec.arm}",
+            *self.exp.arm_overrides(spec.arm), f"model.teacher={teacher_path}", f"train.recipe={self.exp.recipe_of(spec.arm)}",
             f"train.seed={spec.seed}", f"train.out_dir={self.work / spec.key}", f"train.max_steps={RUN_STEPS}",
             f"train.checkpoint_every={RUN_STEPS}", f"train.min_lr={lr}", "logging.progress=false"])
 
@@ -309,10 +309,16 @@ def headline(summary: dict, exp: ExperimentConfig, runs: list[dict]) -> dict:
     target = min(exp.target_fraction * teacher_acc, best)
     reach = {arm: tokens_to_target(summary, exp, arm, target) for arm in exp.arms}
     out: dict = {"teacher_acc": teacher_acc, "best_acc": best, "target_acc": target, "tokens_to_target": reach}
-    if "bd3lm" in reach and "opdlm" in reach and reach["opdlm"]["tokens"]:
-        bd, op = reach["bd3lm"], reach["opdlm"]["tokens"]
-        out["bd3lm_over_opdlm"] = bd["tokens"] / op if bd["tokens"] else None
-        out["bd3lm_over_opdlm_at_least"] = None if bd["tokens"] else bd["not_reached_by"] / op
+    # Standard conversion (bd3lm and its variants) against OPDLM: a ratio, or a lower bound when the
+    # conversion arm never reached the target.
+    out["over_opdlm"] = {}
+    if "opdlm" in reach and reach["opdlm"]["tokens"]:
+        op = reach["opdlm"]["tokens"]
+        for arm in exp.arms:
+            if exp.recipe_of(arm) == "bd3lm":
+                r = reach[arm]
+                out["over_opdlm"][arm] = ({"ratio": r["tokens"] / op} if r["tokens"] else
+                                          {"ratio_at_least": r["not_reached_by"] / op})
     largest = exp.budgets[-1]
     out["largest_common_budget"] = largest
     dyn = f"task_acc_dynamic@{exp.headline_gamma}"
@@ -338,10 +344,9 @@ def format_headline(summary: dict) -> str:
     for arm, r in h["tokens_to_target"].items():
         reached = f"{r['tokens']:.0f} tokens" if r["tokens"] else f"not reached by {r['not_reached_by']:.0f} tokens"
         lines.append(f"  tokens to target, {arm}: {reached}")
-    if h.get("bd3lm_over_opdlm"):
-        lines.append(f"  bd3lm / opdlm tokens to target: {h['bd3lm_over_opdlm']:.1f}x")
-    elif h.get("bd3lm_over_opdlm_at_least"):
-        lines.append(f"  bd3lm / opdlm tokens to target: more than {h['bd3lm_over_opdlm_at_least']:.1f}x")
+    for arm, r in h.get("over_opdlm", {}).items():
+        ratio = f"{r['ratio']:.1f}x" if "ratio" in r else f"more than {r['ratio_at_least']:.1f}x (never reached)"
+        lines.append(f"  {arm} / opdlm tokens to target: {ratio}")
     for arm, d in h["static_to_dynamic"].items():
         lines.append(f"  {arm}: accuracy change static -> dynamic at the largest common budget: {_fmt(d)}")
     for arm, d in h["vs_kd_off"].items():

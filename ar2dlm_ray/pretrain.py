@@ -97,7 +97,7 @@ def teacher_accuracy(model, tokenizer, examples: list[TaskExample], batch_size: 
     return acc
 
 
-class _Batches:
+class MixtureBatches:
     """Rows of `seq_len` ids: a task_fraction of rows pack whole task documents (each row starts at a
     document start, so the model sees prompts both at position 0 and after EOS); the rest are random
     windows of the Shakespeare stream (documents joined by EOS)."""
@@ -159,7 +159,7 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
         suite = TaskSuite(pcfg.num_facts, pcfg.seed)
         tokenizer = train_tokenizer(corpus.train_texts + [e.document for e in suite.train_examples()],
                                     pcfg.vocab_size)
-        batches = _Batches(tokenizer, corpus, suite, pcfg)
+        batches = MixtureBatches(tokenizer, corpus, suite, pcfg)
         log(f"[pretrain] tokenizer ({len(tokenizer)} tokens) and data ready in {time.time() - t0:.1f}s; "
             f"{len(batches.stream):,} text tokens, {len(corpus.train_texts)} train / "
             f"{len(corpus.heldout_texts)} held-out documents")

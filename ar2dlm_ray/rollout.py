@@ -54,6 +54,22 @@ def encode_prompts(cfg: RunConfig, tokenizer, teacher_path: str | None = None) -
     return [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 
 
+def conversion_corpus(cfg: RunConfig, tokenizer, teacher_path: str | None, n: int) -> list[list[int]]:
+    """bd3lm's x0: `n` chunks of `data.corpus_seq_len` tokens of text the teacher never saw (the first half
+    of each held-out document); with `data.conversion_corpus: pretrain_mix`, that text mixed with task
+    documents in the teacher's pretraining proportions, the micro analogue of converting on a general
+    corpus that covers what the evaluation asks."""
+    from .data import Corpus, corpus_chunks, load_corpus
+
+    text = load_corpus(cfg.data).conversion_texts
+    if cfg.data.conversion_corpus == "heldout_text":
+        return corpus_chunks(text, tokenizer, cfg.data.corpus_seq_len, n, cfg.data.seed)
+    from .pretrain import MixtureBatches
+
+    mix = cfg.pretrain.model_copy(update={"seq_len": cfg.data.corpus_seq_len, "batch_size": n, "seed": cfg.data.seed})
+    return MixtureBatches(tokenizer, Corpus(text, []), task_suite_for(cfg, teacher_path), mix).next().tolist()
+
+
 class PromptOrder:
     """Which prompts each rollout batch uses: a fresh seeded permutation per epoch (resumable)."""
 

@@ -21,8 +21,8 @@ import torch
 from .config import RunConfig, dump_config
 from .curriculum import generation_length
 from .learner import Learner
-from .rollout import (RECIPES, PromptOrder, corpus_rollouts, encode_prompts, rollout_seed, student_rollouts,
-                      teacher_rollouts)
+from .rollout import (RECIPES, PromptOrder, conversion_corpus, corpus_rollouts, encode_prompts, rollout_seed,
+                      student_rollouts, teacher_rollouts)
 from .states import Rollout
 from .student import Student, convert, is_student_dir, load_causal_lm, load_student
 from .teacher import build_teacher
@@ -76,10 +76,7 @@ class LocalTrainer:
         self.prompts = encode_prompts(cfg, tok, self.teacher_path)
         self.corpus = None
         if self.recipe.source == "corpus":
-            from .data import corpus_chunks, load_corpus
-
-            self.corpus = corpus_chunks(load_corpus(cfg.data).conversion_texts, tok, cfg.data.corpus_seq_len,
-                                        len(self.prompts), cfg.data.seed)
+            self.corpus = conversion_corpus(cfg, tok, self.teacher_path, len(self.prompts))
         self.order = PromptOrder(len(self.prompts), cfg.train.rollout_batch_size, cfg.train.seed)
         per_epoch = self.order.batches_per_epoch * cfg.train.updates_per_batch
         self.total_steps = cfg.train.max_steps or per_epoch

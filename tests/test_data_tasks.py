@@ -150,3 +150,25 @@ def test_chat_prompts_from_chatterbot_corpus(cache_dir, tokenizer):
         render_chat(tokenizer, "What is AI?")
     with pytest.raises(ValueError, match="chat template"):
         build_prompts(DataConfig(prompts="chat"), tokenizer, None, None)
+
+
+def test_conversion_corpus_variants(micro_teacher):
+    """bd3lm's text: held-out Shakespeare only, or mixed with training task documents (never the held-out
+    arithmetic the evaluation asks) in the teacher's pretraining share."""
+    from ar2dlm_ray.config import load_config
+    from ar2dlm_ray.rollout import conversion_corpus, task_suite_for
+    from ar2dlm_ray.student import load_causal_lm
+
+    _, tok = load_causal_lm(micro_teacher)
+    base = ["data.corpus_seq_len=32", f"model.teacher={micro_teacher}"]
+    plain = conversion_corpus(load_config("configs/micro.yaml", base), tok, micro_teacher, 200)
+    cfg = load_config("configs/micro.yaml", [*base, "data.conversion_corpus=pretrain_mix"])
+    mixed = conversion_corpus(cfg, tok, micro_teacher, 200)
+    assert mixed == conversion_corpus(cfg, tok, micro_teacher, 200) and len(mixed) == 200
+    assert all(len(c) == 32 for c in plain + mixed)
+    with_tasks = [c for c in mixed if "=" in tok.decode(c)]
+    assert not any("=" in tok.decode(c) for c in plain)
+    assert abs(len(with_tasks) / 200 - cfg.pretrain.task_fraction) < 0.12
+    text = " ".join(tok.decode(c) for c in mixed)
+    held = [e for e in task_suite_for(cfg, micro_teacher).heldout_examples(200, 0) if e.task == "arith"]
+    assert held and not any(e.document in text for e in held)

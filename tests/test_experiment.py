@@ -61,7 +61,8 @@ def test_smoke_experiment_on_ray(tmp_path, capsys):
     exp = load_experiment_config(CONFIG, smoke=True)
     out = tmp_path / "results" / exp.name
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["complete"] and set(summary["arms"]) == set(exp.arms) == {"bd3lm", "sft", "kd_off", "opdlm_off", "opdlm"}
+    assert summary["complete"] and set(summary["arms"]) == set(exp.arms) == {
+        "bd3lm", "bd3lm_mix", "sft", "kd_off", "opdlm_off", "opdlm"}
     assert summary["code_version"] and summary["config"]["seeds"] == exp.seeds
     for arm, budgets in summary["arms"].items():
         assert list(budgets) == [str(b) for b in exp.budgets_for(arm)]
@@ -75,10 +76,13 @@ def test_smoke_experiment_on_ray(tmp_path, capsys):
         result = json.loads(run.read_text())
         assert [e["budget"] for e in result["evals"]] == exp.budgets_for(result["arm"])
     assert summary["runs"]["bd3lm-s0"]["accounting"]["sampler_forwards"] == 0
+    assert summary["config"]["variants"]["bd3lm_mix"]["recipe"] == "bd3lm"
     assert summary["runs"]["opdlm-s0"]["accounting"]["sampler_forwards"] > 0
     h = summary["headline"]
     assert h["target_acc"] <= h["best_acc"] and set(h["tokens_to_target"]) == set(exp.arms)
     assert set(h["static_to_dynamic"]) == {"sft", "opdlm"} and set(h["vs_kd_off"]) == {"opdlm", "opdlm_off"}
+    if h["tokens_to_target"]["opdlm"]["tokens"]:
+        assert set(h["over_opdlm"]) == {"bd3lm", "bd3lm_mix"}
     for png in ("metrics_vs_tokens.png", "accuracy_vs_tokens_per_forward.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| opdlm |" in (out / "report.md").read_text()

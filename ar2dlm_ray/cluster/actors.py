@@ -21,8 +21,8 @@ from ray.util.queue import Empty
 
 from ..curriculum import generation_length
 from ..learner import Learner
-from ..rollout import RECIPES, PromptOrder, corpus_rollouts, encode_prompts, rollout_seed, student_rollouts, \
-    teacher_rollouts
+from ..rollout import (RECIPES, PromptOrder, conversion_corpus, corpus_rollouts, encode_prompts, rollout_seed,
+                       student_rollouts, teacher_rollouts)
 from ..teacher import build_teacher
 from ..trainer import build_student, param_count
 from .metrics import Metrics
@@ -129,10 +129,7 @@ class RolloutWorker:
         self.bos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
         self.corpus = None
         if self.recipe.source == "corpus":
-            from ..data import corpus_chunks, load_corpus
-
-            self.corpus = corpus_chunks(load_corpus(cfg.data).conversion_texts, tok, cfg.data.corpus_seq_len,
-                                        len(self.prompts), cfg.data.seed)
+            self.corpus = conversion_corpus(cfg, tok, teacher_path, len(self.prompts))
         self.teacher = TeacherClient([ray.get_actor(n) for n in teacher_names], start=index)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.version = -1  # always adopt the learner's first publication, so both start from the same weights
