@@ -180,14 +180,16 @@ def evaluate_teacher(teacher: HFTeacher, cfg: RunConfig, data: EvalData, samples
     bos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
     ar_nll = teacher_nll(teacher, [([bos], c) for c in data.chunks])
     return {**result, "gen_teacher_nll": teacher_nll(teacher, list(zip(data.text_prompts, gens))),
-            "gen_distinct_2": distinct_n(gens, 2), "gen_tpf": 1.0, "heldout_nelbo": ar_nll, "on_policy_kl": 0.0}
+            "gen_distinct_2": distinct_n(gens, 2), "gen_tpf": 1.0, "heldout_nelbo": ar_nll, "on_policy_kl": 0.0,
+            **({"on_policy_kl_full_length": 0.0} if ev.full_length_kl else {})}
 
 
 def format_table(rows: dict[str, dict]) -> str:
     """A plain-text table: one row per model, one column per metric."""
-    keys = list(next(iter(rows.values())).keys())
+    keys = list(dict.fromkeys(k for r in rows.values() for k in r))  # every metric any row has, in order
     head = ["model"] + keys
-    lines = [head] + [[name] + [f"{v:.3f}" if isinstance(v, float) else str(v) for v in (r.get(k) for k in keys)]
+    lines = [head] + [[name] + [f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
+                                   for v in (r.get(k) for k in keys)]
                       for name, r in rows.items()]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
