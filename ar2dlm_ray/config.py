@@ -349,6 +349,7 @@ class ExperimentConfig(_Strict):
         default_factory=dict, description="larger budgets for some arms (e.g. bd3lm) to find where they reach the target")
     target_fraction: float = Field(0.9, gt=0.0, le=1.0, description="tokens-to-target: this share of the teacher's accuracy")
     headline_gamma: float = Field(0.9, gt=0.0, lt=1.0, description="dynamic threshold of the static-to-dynamic headline")
+    report_targets: list[float] = Field(default_factory=list, description="more task accuracies to report tokens-to-target for")
     parallel: int | None = Field(None, gt=0, description="runs at once on the local Ray (default: the CPU count)")
     results_dir: str = "results"
     work_dir: str = Field("runs/experiments", description="training state of unfinished runs (not results)")

@@ -309,14 +309,16 @@ def headline(summary: dict, exp: ExperimentConfig, runs: list[dict]) -> dict:
     target = min(exp.target_fraction * teacher_acc, best)
     reach = {arm: tokens_to_target(summary, exp, arm, target) for arm in exp.arms}
     out: dict = {"teacher_acc": teacher_acc, "best_acc": best, "target_acc": target, "tokens_to_target": reach}
+    out["tokens_to_accuracy"] = {str(t): {arm: tokens_to_target(summary, exp, arm, t) for arm in exp.arms}
+                                 for t in exp.report_targets}
     # Standard conversion (bd3lm and its variants) against OPDLM: a ratio, or a lower bound when the
     # conversion arm never reached the target.
     out["over_opdlm"] = {}
     if "opdlm" in reach and reach["opdlm"]["tokens"]:
         op = reach["opdlm"]["tokens"]
         for arm in exp.arms:
-            if exp.recipe_of(arm) == "bd3lm":
-                r = reach[arm]
+            r = reach[arm]
+            if exp.recipe_of(arm) == "bd3lm" and (r["tokens"] or r["not_reached_by"]):
                 out["over_opdlm"][arm] = ({"ratio": r["tokens"] / op} if r["tokens"] else
                                           {"ratio_at_least": r["not_reached_by"] / op})
     largest = exp.budgets[-1]
@@ -342,11 +344,15 @@ def format_headline(summary: dict) -> str:
     lines = [f"[experiment] target accuracy {h['target_acc']:.3f} (teacher {h['teacher_acc']:.3f}, "
              f"best arm {h['best_acc']:.3f})"]
     for arm, r in h["tokens_to_target"].items():
-        reached = f"{r['tokens']:.0f} tokens" if r["tokens"] else f"not reached by {r['not_reached_by']:.0f} tokens"
+        reached = (f"{r['tokens']:.0f} tokens" if r["tokens"] else "no evaluations yet" if r["not_reached_by"] is None
+                   else f"not reached by {r['not_reached_by']:.0f} tokens")
         lines.append(f"  tokens to target, {arm}: {reached}")
     for arm, r in h.get("over_opdlm", {}).items():
         ratio = f"{r['ratio']:.1f}x" if "ratio" in r else f"more than {r['ratio_at_least']:.1f}x (never reached)"
         lines.append(f"  {arm} / opdlm tokens to target: {ratio}")
+    for acc, reach in h.get("tokens_to_accuracy", {}).items():
+        parts = [f"{arm} {r['tokens'] / 1000:.0f}k" if r["tokens"] else f"{arm} -" for arm, r in reach.items()]
+        lines.append(f"  tokens to accuracy {acc}: " + ", ".join(parts))
     for arm, d in h["static_to_dynamic"].items():
         lines.append(f"  {arm}: accuracy change static -> dynamic at the largest common budget: {_fmt(d)}")
     for arm, d in h["vs_kd_off"].items():

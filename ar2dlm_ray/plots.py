@@ -33,15 +33,25 @@ def plot_experiment(summary: dict, exp: ExperimentConfig, out: Path) -> list[Pat
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     for ax, (key, title) in zip(axes.flat, CURVES):
         metric, title = key.format(g=g), title.format(g=g)
+        means = []
         for arm, cells in summary["arms"].items():
             xs, ys, lo, hi = _series(cells, metric)
             if xs:
                 (line,) = ax.plot(xs, ys, marker="o", ms=3, label=arm)
-                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.18)
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+                means += ys
         for name, style in (("teacher", "--"), ("before", ":")):
             if ref[name].get(metric) is not None:
                 ax.axhline(ref[name][metric], color="black" if name == "teacher" else "gray", ls=style, lw=1,
                            label=f"{name} (AR)" if name == "teacher" else "before training")
+                means.append(ref[name][metric])
+        if means:  # frame the means: with 3 seeds a t-interval can be far wider than the differences
+            low, high = min(means), max(means)
+            pad = 0.3 * (high - low) + 0.05
+            low, high = low - pad, high + pad
+            if metric.startswith("task_acc"):
+                low, high = max(0.0, low), min(1.02, high)
+            ax.set_ylim(low, high)
         ax.set_xscale("log")
         ax.set_xlabel("training tokens")
         ax.set_title(title)
