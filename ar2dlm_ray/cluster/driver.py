@@ -342,8 +342,9 @@ def _started(actors: list, names: list[str]) -> list[dict]:
         return ray.get([a.info.remote() for a in actors])
     except RayActorError as exc:
         text = str(exc)
-        errors = re.findall(r"^(\w+(?:Error|Exception): .*)$", text, flags=re.M)
-        reason = text[text.index(errors[-1]):] if errors else text
+        # The last "[module.]SomeError: message" line of the remote traceback, without the module path.
+        errors = list(re.finditer(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception): .*)$", text, flags=re.M))
+        reason = text[errors[-1].start(1):] if errors else text
         name = next((n for n in names if n in text), "an actor")
         raise StartupError(f"{name} failed to start: {reason.strip()}") from None
 
