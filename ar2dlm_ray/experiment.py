@@ -92,11 +92,12 @@ class Experiment:
         return [RunSpec(arm, seed, tuple(self.exp.budgets_for(arm))) for seed in self.exp.seeds for arm in self.exp.arms]
 
     def run_config(self, spec: RunSpec, teacher_path: str) -> RunConfig:
-        lr = self.base.train.lr
-        return load_config(self.exp.run_config, [
+        cfg = load_config(self.exp.run_config, [
             *self.exp.arm_overrides(spec.arm), f"model.teacher={teacher_path}", f"train.recipe={self.exp.recipe_of(spec.arm)}",
             f"train.seed={spec.seed}", f"train.out_dir={self.work / spec.key}", f"train.max_steps={RUN_STEPS}",
-            f"train.checkpoint_every={RUN_STEPS}", f"train.min_lr={lr}", "logging.progress=false"])
+            f"train.checkpoint_every={RUN_STEPS}", "logging.progress=false"])
+        cfg.train.min_lr = cfg.train.lr  # constant after warm-up, at this arm's own learning rate
+        return cfg
 
     # ---- running ------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -213,7 +214,7 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
     After every evaluation the trainer is checkpointed, so an interrupted run resumes from its last
     evaluated budget with the same data order and rollouts."""
     from .evaluate import EvalData, evaluate_student, judge_teacher
-    from .trainer import LocalTrainer
+    from .trainer import LocalTrainer, read_checkpoint
 
     torch.set_num_threads(threads)
     result_path = experiment.out / "runs" / f"{spec.key}.json"
@@ -233,11 +234,14 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
     work.mkdir(parents=True, exist_ok=True)
     evals_path.write_text("".join(json.dumps(e) + "\n" for e in evals))
     pending = [b for b in spec.budgets if b not in {e["budget"] for e in evals}]
+    start, train_s = time.perf_counter(), 0.0
+    if not pending:  # interrupted after its last evaluation: the checkpoint holds the accounting
+        accounting = read_checkpoint(work / "checkpoints")[1]["accounting"]
+        return _finish(experiment, spec, result_path, work, evals, accounting, start, teacher_path)
 
     trainer = LocalTrainer(cfg, log=lambda *a, **k: None)
     judge = judge_teacher(cfg, teacher_path, trainer.teacher)
     data = EvalData(cfg, judge.tokenizer, teacher_path)
-    start, train_s = time.perf_counter(), 0.0
     mark = time.perf_counter()
 
     def after_batch(tr: LocalTrainer) -> bool:
@@ -260,9 +264,13 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
             mark = time.perf_counter()
         return not pending
 
-    if pending:
-        trainer.run(resume=resume, after_batch=after_batch)
-    result = {"arm": spec.arm, "seed": spec.seed, "evals": evals, "accounting": dict(trainer.accounting),
+    trainer.run(resume=resume, after_batch=after_batch)
+    return _finish(experiment, spec, result_path, work, evals, trainer.accounting, start, teacher_path)
+
+
+def _finish(experiment: Experiment, spec: RunSpec, result_path: Path, work: Path, evals: list[dict],
+            accounting: dict, start: float, teacher_path: str) -> dict:
+    result = {"arm": spec.arm, "seed": spec.seed, "evals": evals, "accounting": dict(accounting),
               "wall_s": time.perf_counter() - start, "teacher": teacher_path, "code_version": code_version()}
     _atomic_json(result_path, result)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the result is written; keep only `final/`

@@ -128,3 +128,17 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     timing = ("eval_s", "train_s")
     assert [{k: v for k, v in e.items() if k not in timing} for e in got] == \
         [{k: v for k, v in e.items() if k not in timing} for e in expected]
+
+    # Interrupted after its last evaluation, before the result was written: nothing is retrained and the
+    # accounting comes from the checkpoint.
+    import ar2dlm_ray.experiment as experiment_module
+
+    real_finish = experiment_module._finish
+    late = experiment(tmp_path / "late")
+    monkeypatch.setattr(experiment_module, "_finish", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        late.run()
+    monkeypatch.setattr(experiment_module, "_finish", real_finish)
+    late.run()
+    assert late.finished_runs()[0]["accounting"] == clean.finished_runs()[0]["accounting"]
+    assert clean.finished_runs()[0]["accounting"]["tokens_trained"] == expected[-1]["tokens_trained"]
