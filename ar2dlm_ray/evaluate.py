@@ -131,7 +131,6 @@ def evaluate_student(student: Student, teacher: HFTeacher, cfg: RunConfig, data:
                      samples: list[str] | None = None) -> dict:
     """The metrics of the module docstring; the first `eval.num_samples_shown` generations from the
     held-out text prompts are appended to `samples` when given."""
-    samples = [] if samples is None else samples
     ev, B = cfg.eval, student.spec.block_size
     greedy = cfg.sampler.model_copy(update={"temperature": 0.0, "top_k": 0, "top_p": 1.0})
     static = greedy.model_copy(update={"remasking": "static", "steps_per_block": B})
@@ -146,7 +145,8 @@ def evaluate_student(student: Student, teacher: HFTeacher, cfg: RunConfig, data:
     result["gen_teacher_nll"] = teacher_nll(teacher, list(zip(data.text_prompts, tokens)))
     result["gen_distinct_2"] = distinct_n(tokens, 2)
     result["gen_tpf"] = tpf
-    samples.extend(student.tokenizer.decode(t) for t in tokens[:ev.num_samples_shown])
+    if samples is not None:
+        samples.extend(student.tokenizer.decode(t) for t in tokens[:ev.num_samples_shown])
     result["heldout_nelbo"] = heldout_nelbo(student, data.chunks, ev.nelbo_samples, ev.seed)
     kl_prompts = data.text_prompts + [student.tokenizer.encode(e.prompt, add_special_tokens=False)
                                       for e in data.examples[:16]]

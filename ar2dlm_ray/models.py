@@ -63,3 +63,8 @@ def packaged_model(spec: str, cache_dir: Path | None = None) -> Path:
     if not (out / "config.json").is_file():
         import_gguf(packaged_gguf(package, cache_dir), out)
     return out
+
+
+def resolve_model(spec: str) -> str:
+    """A model directory for `spec`: `gguf:<package>` is imported (once), anything else is a path or hub id."""
+    return str(packaged_model(spec)) if spec.startswith(GGUF_PREFIX) else spec

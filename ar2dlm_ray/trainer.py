@@ -31,12 +31,10 @@ from .teacher import build_teacher
 def resolve_teacher_path(cfg: RunConfig, log: Callable = print) -> str:
     """The teacher directory; 'micro' pretrains (or reuses) the cached micro teacher, 'gguf:<package>'
     imports (or reuses) a packaged GGUF checkpoint."""
-    if cfg.model.teacher.startswith("gguf:"):
-        from .models import packaged_model
-
-        return str(packaged_model(cfg.model.teacher))
     if cfg.model.teacher != "micro":
-        return cfg.model.teacher
+        from .models import resolve_model
+
+        return resolve_model(cfg.model.teacher)
     from .pretrain import pretrain_teacher
 
     return str(pretrain_teacher(cfg.pretrain, cfg.data, log=log))

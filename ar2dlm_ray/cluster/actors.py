@@ -59,11 +59,12 @@ class TeacherServer:
 
     def score(self, pairs):
         start = time.perf_counter()
+        tokens = sum(len(p) + len(g) for p, g in pairs)
         self.served["score_calls"] += 1
         self.served["sequences"] += len(pairs)
-        self.served["tokens"] += sum(len(p) + len(g) for p, g in pairs)
+        self.served["tokens"] += tokens
         out = self.backend.score(pairs)
-        self.metrics.set("teacher_tokens_per_s", sum(len(p) + len(g) for p, g in pairs) / (time.perf_counter() - start))
+        self.metrics.set("teacher_tokens_per_s", tokens / (time.perf_counter() - start))
         return out
 
     def generate(self, prompts, max_new_tokens: int, temperature: float, seed: int):
