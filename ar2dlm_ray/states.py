@@ -67,8 +67,10 @@ def trajectory_masks(reveal: torch.Tensor, valid: torch.Tensor, block_size: int,
     rev = reveal.view(b, nb, block_size)
     ok = valid.view(b, nb, block_size)
     max_step = int(reveal.max().clamp_min(0)) + 1
-    present = torch.zeros((b, nb, max_step), dtype=torch.bool)
-    present.scatter_(-1, rev.clamp_min(0), ok)
+    # Padding goes to an extra slot that is dropped: scattered onto slot 0, it could overwrite a real step 0
+    # (scatter_ keeps whichever write comes last) and the fully masked state would never be drawn.
+    slot = torch.where(ok, rev, torch.full_like(rev, max_step))
+    present = torch.zeros((b, nb, max_step + 1), dtype=torch.bool).scatter_(-1, slot, True)[..., :max_step]
     # Uniform choice among the steps present in each block: the argmax of random scores over them.
     scores = torch.rand((b, nb, max_step), generator=generator).masked_fill(~present, -1.0)
     r = scores.argmax(-1, keepdim=True)

@@ -180,3 +180,21 @@ def test_eos_is_excluded_unless_asked(tokenizer):
     args = dict(states="trajectory", eos_ids=[eos], generator=torch.Generator().manual_seed(0))
     assert build_batch([r], student.spec, 0, **args).stats["supervised"] == 2
     assert build_batch([r], student.spec, 0, supervise_eos=True, **args).stats["supervised"] == 3
+
+
+@pytest.mark.parametrize("reveal_row,states", [
+    ([0, 1, -1, -1], {(True, True): 0.5, (False, True): 0.5}),  # a final block cut short by EOS
+    ([-1, -1, 1, 0], {(True, True): 0.5, (True, False): 0.5}),  # padding first in the block
+    ([0, 0, 0, -1], {(True, True, True): 1.0}),
+])
+def test_trajectory_states_follow_the_rule_in_a_partial_block(reveal_row, states):
+    """r is uniform over the distinct reveal steps of the valid positions; padding takes no part."""
+    from ar2dlm_ray.states import trajectory_masks
+    reveal = torch.tensor([reveal_row] * 4000)
+    valid = reveal >= 0
+    m = trajectory_masks(reveal, valid, 4, torch.Generator().manual_seed(0))
+    assert not (m & ~valid).any()
+    drawn = [tuple(row[valid[0]].tolist()) for row in m]
+    for state, share in states.items():
+        assert abs(drawn.count(state) / len(drawn) - share) < 0.03, (state, drawn.count(state) / len(drawn))
+    assert set(drawn) == set(states)
