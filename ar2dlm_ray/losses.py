@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-_TINY = 1e-10
+# Floor of a tail bin's log-mass (an empty tail, k = V): far below anything that moves the loss, and finite.
+_LOG_FLOOR = -69.0  # log(1e-30)
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
@@ -37,18 +38,31 @@ def divergence(student_log: torch.Tensor, teacher_log: torch.Tensor, kind: str =
     return beta * _kl(teacher_log, mix) + (1.0 - beta) * _kl(student_log, mix)
 
 
-def _log_tail(log_probs: torch.Tensor) -> torch.Tensor:
-    """log(1 - sum(exp(log_probs))), clamped away from log(0)."""
-    return torch.log((1.0 - log_probs.exp().sum(-1, keepdim=True)).clamp_min(_TINY))
+def _teacher_log_tail(teacher_logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(top-k))) from the teacher's k log-probs, in float64: 1 - sum rounds to 0 in float32
+    once the tail is below about 1e-7."""
+    lse = torch.logsumexp(teacher_logp.double(), -1, keepdim=True)
+    return torch.log(-torch.expm1(lse.clamp_max(0.0))).clamp_min(_LOG_FLOOR).to(teacher_logp.dtype)
+
+
+def _student_log_tail(student_logp: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
+    """The student's tail mass as a log-sum-exp over the tokens outside the top-k: exact (and with an exact
+    gradient) however small the tail, where 1 - sum(top-k) cancels to 0."""
+    outside = student_logp.scatter(-1, teacher_ids, float("-inf"))
+    return torch.logsumexp(outside, -1, keepdim=True).clamp_min(_LOG_FLOOR)
 
 
 def topk_bins(student_logp: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,
               tail: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student and teacher bins for a top-k teacher: the k teacher tokens, plus the tail when `tail`."""
+    """Student and teacher bins for a top-k teacher: the k teacher tokens, plus the tail when `tail`.
+
+    `tail: true` makes the truncated divergence a divergence between two distributions; `tail: false` is
+    the reference code's sparse KL over the k tokens alone (not renormalised)."""
     student_k = student_logp.gather(-1, teacher_ids)
     if not tail:
         return student_k, teacher_logp
-    return torch.cat([student_k, _log_tail(student_k)], -1), torch.cat([teacher_logp, _log_tail(teacher_logp)], -1)
+    return (torch.cat([student_k, _student_log_tail(student_logp, teacher_ids)], -1),
+            torch.cat([teacher_logp, _teacher_log_tail(teacher_logp)], -1))
 
 
 def token_divergence(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor | None,

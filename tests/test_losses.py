@@ -198,3 +198,34 @@ def test_trajectory_states_follow_the_rule_in_a_partial_block(reveal_row, states
     for state, share in states.items():
         assert abs(drawn.count(state) / len(drawn) - share) < 0.03, (state, drawn.count(state) / len(drawn))
     assert set(drawn) == set(states)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_topk_tail_is_exact_when_the_student_tail_is_tiny(kind):
+    """A student sure of the teacher's top-k (tail mass ~1e-9): float32 1 - sum(top-k) rounds to 0, the
+    log-space tail does not. Loss and gradient against float64 autograd on the same formula."""
+    g = torch.Generator().manual_seed(4)
+    V, k = 200, 8
+    teacher = torch.log_softmax(torch.randn(16, V, generator=g) * 3, -1)
+    top = teacher.topk(k, -1)
+    logits = torch.randn(16, V, generator=g)
+    logits.scatter_(-1, top.indices, 30.0 + torch.randn(16, k, generator=g))  # tail ~ V * e^-30 ~ 1e-11..1e-9
+
+    def loss(lg, dtype):
+        lg = lg.to(dtype)
+        s = torch.log_softmax(lg, -1)
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top.indices, True)
+        s_tail = torch.logsumexp(s.masked_fill(keep, float("-inf")), -1, keepdim=True)
+        t = top.values.double()
+        t_tail = torch.log(1 - t.exp().sum(-1, keepdim=True))
+        return divergence(torch.cat([s.gather(-1, top.indices), s_tail], -1),
+                          torch.cat([t, t_tail], -1).to(dtype), kind).sum()
+
+    ref_logits = logits.double().requires_grad_()
+    ref = loss(ref_logits, torch.float64)
+    ref.backward()
+    got_logits = logits.clone().requires_grad_()
+    got = token_divergence(got_logits, top.values, top.indices, V, kind, tail=True).sum()
+    got.backward()
+    assert abs(got.item() - ref.item()) < 1e-4 * abs(ref.item()), (got.item(), ref.item())
+    torch.testing.assert_close(got_logits.grad.double(), ref_logits.grad, atol=1e-5, rtol=1e-3)
