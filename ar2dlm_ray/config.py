@@ -127,13 +127,20 @@ class TrainConfig(_Strict):
     supervise_eos: bool = False
     lr: float = Field(1e-5, gt=0.0)
     min_lr: float = Field(1e-6, ge=0.0)
-    warmup_steps: int = Field(5, ge=0)
+    warmup_steps: int = Field(5, ge=0, description="optimiser steps of linear learning-rate warm-up")
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     rollout_batch_size: int = Field(128, gt=0, description="prompts per rollout batch")
+    minibatch_size: int | None = Field(None, gt=0, description="rollouts per optimiser step: a rollout batch is "
+                                       "trained as rollout_batch_size / minibatch_size steps on disjoint minibatches "
+                                       "(the reference: 128 / 8 = 16); default: one step on the whole batch")
     micro_batch_size: int = Field(8, gt=0, description="rollouts per gradient-accumulation chunk")
-    updates_per_batch: int = Field(1, gt=0, description="optimiser steps per rollout batch")
-    max_steps: int | None = Field(None, gt=0, description="stop after this many optimiser steps")
+    updates_per_batch: int = Field(1, gt=0, description="passes over each rollout batch (each pass: one optimiser "
+                                                        "step per minibatch)")
+    master_weights: bool = Field(True, description="bfloat16/float16 models: AdamW updates float32 master weights; "
+                                                   "false updates the low-precision weights directly (pure bf16)")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many training steps (rollout batches "
+                                                          "per learner)")
     seed: int = 0
     out_dir: str = "runs/micro"
     checkpoint_every: int = Field(10, gt=0)
@@ -143,6 +150,10 @@ class TrainConfig(_Strict):
     def _lr_order(self) -> "TrainConfig":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        m = self.minibatch_size
+        if m is not None and (m > self.rollout_batch_size or self.rollout_batch_size % m):
+            raise ValueError(f"minibatch_size ({m}) must divide rollout_batch_size ({self.rollout_batch_size}); "
+                             f"e.g. 8 for 128 (16 optimiser steps per rollout batch)")
         return self
 
 

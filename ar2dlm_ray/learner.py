@@ -1,5 +1,16 @@
-"""The optimisation half of training: student, AdamW, schedule, and one step on a batch of rollouts.
-Shared by the local trainer and the learner actors."""
+"""The optimisation half of training: student, AdamW, schedule, and one training step on a rollout batch.
+Shared by the local trainer and the learner actors.
+
+A training step consumes one rollout batch. It takes `updates_per_batch` passes over the batch, each pass
+one optimiser step per minibatch (`minibatch_size`; the whole batch when unset), as the reference trains a
+128-prompt batch with 16 steps of 8. Weight versions, staleness and checkpoints count training steps; the
+learning-rate schedule counts optimiser steps.
+
+Mixed precision: with a bfloat16/float16 student, AdamW updates float32 master copies of the weights and
+the low-precision model (which computes, samples and is published) is refreshed from them after each step.
+Updating bf16 weights directly rounds most lr-1e-5 updates to nothing; `train.master_weights: false`
+opts into that anyway.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +24,13 @@ from .states import Rollout, build_batch
 from .student import Student
 
 
+def minibatches(n: int, k: int) -> list[range]:
+    """k disjoint contiguous index ranges covering n items, as equal as possible. A full rollout batch
+    splits into minibatches of exactly `minibatch_size`; a short one (the end of an epoch) into k smaller
+    ones, so that every data-parallel rank takes the same number of optimiser steps."""
+    return [range(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
 class Learner:
     def __init__(self, student: Student, cfg: RunConfig, total_steps: int):
         self.student, self.cfg, self.total_steps = student, cfg, total_steps
@@ -21,22 +39,43 @@ class Learner:
         self.pad_id = tok.pad_token_id
         self.eos_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(student.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.minibatches_per_pass = t.rollout_batch_size // (t.minibatch_size or t.rollout_batch_size)
+        self.optimizer_steps_per_step = t.updates_per_batch * self.minibatches_per_pass
+        self.params = [p for p in student.model.parameters() if p.requires_grad]
+        self.master = None
+        if student.dtype != torch.float32 and t.master_weights:
+            self.master = [p.detach().float().clone() for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.master or self.params, lr=t.lr, weight_decay=t.weight_decay)
+        total_updates = total_steps * self.optimizer_steps_per_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total_steps, t.warmup_steps, t.lr, t.min_lr))
+            self.optimizer, lambda s: lr_factor(s, total_updates, t.warmup_steps, t.lr, t.min_lr))
         # Called between backward and clipping; data-parallel learners all-reduce gradients here.
         self.grad_hook = None
 
     def train_step(self, rollouts: list[Rollout], targets, step: int) -> dict:
-        """One optimiser step over all rollouts (gradient accumulation over micro-batches).
+        """All optimiser steps of one rollout batch. Returns the step's means and, under `updates`, the
+        loss, gradient norm, learning rate and supervised tokens of every optimiser step.
 
         The states are drawn from a generator seeded by the step, so a resumed run repeats them.
         """
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        self.student.model.train()
+        updates = []
+        for _ in range(self.cfg.train.updates_per_batch):
+            for part in minibatches(len(rollouts), self.minibatches_per_pass):
+                updates.append(self._update([rollouts[i] for i in part],
+                                            None if targets is None else [targets[i] for i in part], gen))
+        self.student.model.eval()
+        n = len(updates)
+        return {"loss": sum(u["loss"] for u in updates) / n, "grad_norm": sum(u["grad_norm"] for u in updates) / n,
+                "lr": updates[0]["lr"], "supervised_tokens": sum(u["supervised_tokens"] for u in updates),
+                "optimizer_steps": n, "updates": updates}
+
+    def _update(self, rollouts: list[Rollout], targets, gen: torch.Generator) -> dict:
+        """One optimiser step on a minibatch (gradient accumulation over micro-batches)."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
-        model = self.student.model
-        model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
         total, loss_sum, supervised = len(rollouts), 0.0, 0
         for lo in range(0, total, cfg.train.micro_batch_size):
             chunk = rollouts[lo:lo + cfg.train.micro_batch_size]
@@ -52,16 +91,49 @@ class Learner:
             loss_sum += loss.item()
         if self.grad_hook is not None:
             self.grad_hook()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        stepped = self.params
+        if self.master is not None:
+            for m, p in zip(self.master, self.params):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+            stepped = self.master
+        grad_norm = torch.nn.utils.clip_grad_norm_(stepped, cfg.train.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        model.eval()
+        if self.master is not None:
+            self._copy_master_to_model()
         return {"loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "supervised_tokens": supervised}
 
+    @torch.no_grad()
+    def _copy_master_to_model(self) -> None:
+        for m, p in zip(self.master, self.params):
+            p.copy_(m)
+
+    @torch.no_grad()
+    def reset_master(self) -> None:
+        """Take the master weights from the model (after its weights were replaced from outside)."""
+        if self.master is not None:
+            for m, p in zip(self.master, self.params):
+                m.copy_(p)
+
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.master is not None:
+            state["master_weights"] = [m.detach().clone() for m in self.master]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Optimiser, schedule and (mixed precision) the master weights; call after the model's weights were
+        loaded. A checkpoint without master weights starts them from the model's."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.master is None:
+            return
+        if "master_weights" in state:
+            with torch.no_grad():
+                for m, saved in zip(self.master, state["master_weights"]):
+                    m.copy_(saved)
+            self._copy_master_to_model()
+        else:
+            self.reset_master()

@@ -76,8 +76,7 @@ class LocalTrainer:
         if self.recipe.source == "corpus":
             self.corpus = conversion_corpus(cfg, tok, self.teacher_path, len(self.prompts))
         self.order = PromptOrder(len(self.prompts), cfg.train.rollout_batch_size, cfg.train.seed)
-        per_epoch = self.order.batches_per_epoch * cfg.train.updates_per_batch
-        self.total_steps = cfg.train.max_steps or per_epoch
+        self.total_steps = cfg.train.max_steps or self.order.batches_per_epoch
         self.learner = Learner(self.student, cfg, self.total_steps)
         self.out_dir = Path(cfg.train.out_dir)
         self.step, self.next_batch = 0, 0
@@ -126,30 +125,27 @@ class LocalTrainer:
             acc["scored"] += len(rollouts) if targets is not None else 0
             acc["sampler_forwards"] += pstats["sampler_forwards"]
             acc["generated_tokens"] += tokens
-            for _ in range(cfg.train.updates_per_batch):
-                if self.step >= self.total_steps:
-                    break
-                t3 = time.perf_counter()
-                stats = self.learner.train_step(rollouts, targets, self.step)
-                self.step += 1
-                acc["trained_on"] += len(rollouts)
-                acc["tokens_trained"] += tokens
-                now = time.perf_counter()
-                record = {
-                    "step": self.step, "batch": batch_index, "recipe": cfg.train.recipe, **stats,
-                    "kl": stats["loss"] if self.recipe.distill and cfg.train.divergence == "forward_kl" else None,
-                    "gen_len_limit": gen_len, "mean_gen_len": tokens / max(1, len(rollouts)),
-                    "tokens_trained": acc["tokens_trained"],
-                    "tokens_per_forward": (tokens / pstats["sampler_forwards"]) if pstats["sampler_forwards"] else None,
-                    "rollout_s": t1 - t0, "teacher_s": t2 - t1, "train_s": now - t3, "step_s": now - t0,
-                    **self.flops(),
-                }
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                if cfg.logging.progress and self.step % cfg.logging.log_every == 0:
-                    self.log(f"[train] step {self.step}/{self.total_steps} loss {stats['loss']:.4f} "
-                             f"len {record['mean_gen_len']:.1f}/{gen_len} tokens {acc['tokens_trained']} "
-                             f"tok/fwd {record['tokens_per_forward'] or float('nan'):.2f} {record['step_s']:.1f}s")
+            t3 = time.perf_counter()
+            stats = self.learner.train_step(rollouts, targets, self.step)
+            self.step += 1
+            acc["trained_on"] += len(rollouts)
+            acc["tokens_trained"] += tokens
+            now = time.perf_counter()
+            record = {
+                "step": self.step, "batch": batch_index, "recipe": cfg.train.recipe, **stats,
+                "kl": stats["loss"] if self.recipe.distill and cfg.train.divergence == "forward_kl" else None,
+                "gen_len_limit": gen_len, "mean_gen_len": tokens / max(1, len(rollouts)),
+                "tokens_trained": acc["tokens_trained"],
+                "tokens_per_forward": (tokens / pstats["sampler_forwards"]) if pstats["sampler_forwards"] else None,
+                "rollout_s": t1 - t0, "teacher_s": t2 - t1, "train_s": now - t3, "step_s": now - t0,
+                **self.flops(),
+            }
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if cfg.logging.progress and self.step % cfg.logging.log_every == 0:
+                self.log(f"[train] step {self.step}/{self.total_steps} loss {stats['loss']:.4f} "
+                         f"len {record['mean_gen_len']:.1f}/{gen_len} tokens {acc['tokens_trained']} "
+                         f"tok/fwd {record['tokens_per_forward'] or float('nan'):.2f} {record['step_s']:.1f}s")
             batch_index += 1
             self.next_batch = batch_index
             since_ckpt += 1

@@ -20,7 +20,7 @@ def local_ray():
 def ray_overrides(teacher, out_dir, **extra):
     base = {
         "model.teacher": teacher, "train.out_dir": str(out_dir), "logging.progress": "true",
-        "train.rollout_batch_size": 8, "train.micro_batch_size": 8, "data.num_prompts": 64,
+        "train.rollout_batch_size": 8, "train.minibatch_size": 4, "train.micro_batch_size": 8, "data.num_prompts": 64,
         "sampler.max_new_tokens": 12, "curriculum.min_len": 4, "curriculum.max_len": 12,
         "curriculum.warmup_steps": 3, "sampler.batch_size": 8, "train.max_steps": 4, "train.checkpoint_every": 100,
         "rollout.num_cpus": 1, "teacher.pool.num_cpus": 1, "learner.num_cpus": 1,
@@ -60,8 +60,9 @@ def test_ray_run_matches_local_trainer(micro_teacher, tmp_path, local_ray, local
     summary = train(_ray_cfg(micro_teacher, tmp_path, **{"train.checkpoint_every": 2}), log=lambda *a: None)
     got = _metrics(tmp_path)
     assert [m["step"] for m in got] == [1, 2, 3, 4]
-    deltas = [abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)]
-    assert max(deltas) < 1e-5, deltas
+    # Two optimiser steps (minibatches of 4) per rollout batch, each one's loss recorded.
+    deltas = [abs(u["loss"] - v["loss"]) for a, b in zip(ref, got) for u, v in zip(a["updates"], b["updates"], strict=True)]
+    assert len(deltas) == 8 and max(deltas) < 1e-5, deltas
     assert [m["version"] for m in got] == [0, 1, 2, 3] and all(m["version_lag"] == 0 for m in got)
     assert [m["tokens_trained"] for m in ref] == [m["tokens_trained"] for m in got]
     for key, value in local_acc.items():

@@ -201,7 +201,6 @@ class LearnerWorker:
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.workers = RoundRobin([], start=rank)  # for regeneration; handles looked up on first use
         self.worker_names = worker_names
-        self.item, self.uses = None, 0
         self.metrics = Metrics("learner")
 
     def info(self) -> dict:
@@ -221,6 +220,7 @@ class LearnerWorker:
         with torch.no_grad():  # every rank starts from rank 0's weights
             for p in self.student.model.parameters():
                 dist.broadcast(p.data, 0)
+        self.learner.reset_master()
         self.learner.grad_hook = self._all_reduce_grads
 
     def _all_reduce_grads(self) -> None:
@@ -294,14 +294,11 @@ class LearnerWorker:
         """One optimiser step; `newest` is the newest published version (for regeneration)."""
         start = time.perf_counter()
         counts = {"dropped_stale": 0, "regenerated": 0, "dropped_batches": 0, "retried": 0}
-        if self.item is None or self.uses >= self.cfg.train.updates_per_batch:
-            self.item = self._next_item(step, newest, counts)
-            if self.item is None:
-                return {**counts, "starved": True}
-            self.uses = 0
-        self.uses += 1
+        item = self._next_item(step, newest, counts)
+        if item is None:
+            return {**counts, "starved": True}
         t_data = time.perf_counter()
-        rollouts, targets, produced = self.item["rollouts"], self.item["targets"], self.item["stats"]
+        rollouts, targets, produced = item["rollouts"], item["targets"], item["stats"]
         out = self.learner.train_step(rollouts, targets, step)
         now = time.perf_counter()
         publish_s = None
@@ -313,6 +310,6 @@ class LearnerWorker:
         self.metrics.set("version_lag", lag)
         if self.cfg.train.divergence == "forward_kl" and RECIPES[self.cfg.train.recipe].distill:
             self.metrics.set("kl", out["loss"])
-        return {**out, **counts, "produced": produced, "new_batch": self.uses == 1, "version_lag": lag,
+        return {**out, **counts, "produced": produced, "version_lag": lag,
                 "trained_on": len(rollouts), "tokens_trained": sum(len(r.tokens) for r in rollouts),
                 "wait_s": t_data - start, "train_s": now - t_data, "publish_s": publish_s}

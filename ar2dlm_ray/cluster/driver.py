@@ -115,8 +115,7 @@ class RayTrainer:
         self.placement = {"teacher": _started(self.teachers, teacher_names),
                           "rollout": _started(self.workers, worker_names)}
         first = self.placement["rollout"][0]
-        per_epoch = -(-first["num_prompts"] // cfg.train.rollout_batch_size) * cfg.train.updates_per_batch
-        self.total_steps = cfg.train.max_steps or per_epoch
+        self.total_steps = cfg.train.max_steps or -(-first["num_prompts"] // cfg.train.rollout_batch_size)
         world = cfg.learner.num_workers
         self.learners = [ray.remote(LearnerWorker).options(**_options(cfg.learner, f"learner-{r}")).remote(
             cfg, self.teacher_path, r, world, self.total_steps, self.queue, worker_names) for r in range(world)]
@@ -145,10 +144,9 @@ class RayTrainer:
     def _serving_step(self, ahead: int) -> int:
         """The step that will train the next submitted batch, when `ahead` batches are already supplied
         beyond what the started steps take (negative: the current step still lacks batches)."""
-        u, n, start = self.cfg.train.updates_per_batch, self.cfg.learner.num_workers, self.start_step
         if ahead < 0:
             return self.step
-        return start + ((self.step - start) // u + 1 + ahead // n) * u
+        return self.step + 1 + ahead // self.cfg.learner.num_workers
 
     def _top_up(self) -> None:
         cfg = self.cfg
@@ -201,11 +199,9 @@ class RayTrainer:
                  f"student={self.n_student / 1e6:.2f}M params start_step={self.step}")
         max_batch = self.start_batch - 1
         since_ckpt = 0
-        u = cfg.train.updates_per_batch
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            if (self.step - self.start_step) % u == 0:  # this step takes a new batch on every rank
-                self.demand += len(self.learners)
+            self.demand += len(self.learners)  # every rank takes a new batch each step
             results = self._step_all()
             now = time.perf_counter()
             record = self._record(results, now - t0)
@@ -290,6 +286,7 @@ class RayTrainer:
         return {
             "step": self.step + 1, "batch": produced[0]["batch"], "batches": [p["batch"] for p in produced],
             "recipe": cfg.train.recipe, "loss": loss, "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"],
+            "optimizer_steps": results[0]["optimizer_steps"], "updates": _mean_updates(results),
             "supervised_tokens": sum(r["supervised_tokens"] for r in results), "kl": loss if distill_kl else None,
             "gen_len_limit": produced[0]["gen_len"],
             "mean_gen_len": tokens / max(1, sum(r["trained_on"] for r in results)),
@@ -333,6 +330,14 @@ class RayTrainer:
         while names and time.monotonic() < deadline:  # names are released asynchronously
             names = [n for n in names if _exists(n)]
             time.sleep(0.05)
+
+
+def _mean_updates(results: list[dict]) -> list[dict]:
+    """Per optimiser step, over the learner ranks: mean loss, summed supervised tokens; the gradient norm and
+    learning rate are the same on every rank (gradients are all-reduced before clipping)."""
+    return [{"loss": sum(u["loss"] for u in ups) / len(ups), "grad_norm": ups[0]["grad_norm"], "lr": ups[0]["lr"],
+             "supervised_tokens": sum(u["supervised_tokens"] for u in ups)}
+            for ups in zip(*(r["updates"] for r in results))]
 
 
 def _started(actors: list, names: list[str]) -> list[dict]:
