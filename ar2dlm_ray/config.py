@@ -109,6 +109,9 @@ class CurriculumConfig(_Strict):
     min_len: int = Field(16, gt=0)
     max_len: int = Field(64, gt=0)
     warmup_steps: int = Field(10, ge=0, description="rollout batches over which the length grows")
+    schedule: Literal["linear", "cosine"] = Field(
+        "linear", description="linear (the paper) or cosine: 1 - cos(pi/2 * s / warmup_steps), the reference "
+                              "code's slow-start ramp")
 
     @model_validator(mode="after")
     def _ordered(self) -> "CurriculumConfig":
