@@ -142,7 +142,9 @@ class _CachedContext:
     def __init__(self, student: Student, seq, positions, key_valid, prompt_width):
         self.student, self.positions, self.key_valid = student, positions, key_valid
         self.B = student.spec.block_size
-        self.cache = DynamicCache(config=student.model.config)
+        # No config: every layer keeps all its keys. A config would make sliding-window layers keep only
+        # the last window of keys, which `crop` cannot roll back and the explicit masks do not describe.
+        self.cache = DynamicCache()
         allowed = with_padding(block_causal(prompt_width, self.B, device=seq.device), key_valid[:, :prompt_width])
         logits, self.cache = student.forward(seq[:, :prompt_width], positions[:, :prompt_width], allowed,
                                              past_key_values=self.cache, use_cache=True)
@@ -158,7 +160,8 @@ class _CachedContext:
         allowed = with_padding(block_causal(inputs.shape[1], B, device=block.device, q_offset=q_offset),
                                self.key_valid[:, :end])
         logits, self.cache = self.student.forward(inputs, self.positions[:, q_offset:end], allowed,
-                                                  past_key_values=self.cache, use_cache=True)
+                                                  past_key_values=self.cache, use_cache=True,
+                                                  key_positions=self.positions[:, :end])
         self.calls += 1
         self.cache.crop(-B)  # the current block is still changing: keep only what is committed
         if self.pending is not None:

@@ -102,9 +102,8 @@ class Student:
 
     def __init__(self, model, tokenizer, spec: StudentSpec):
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
-        cfg = model.config
-        self._layer_types = getattr(cfg, "layer_types", None)
-        self._window = getattr(cfg, "sliding_window", None) if self._layer_types and "sliding_attention" in self._layer_types else None
+        self._layer_types = getattr(model.config, "layer_types", None)
+        self._window = model.config.sliding_window if "sliding_attention" in (self._layer_types or ()) else None
 
     @property
     def device(self) -> torch.device:
@@ -114,26 +113,39 @@ class Student:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def additive_mask(self, allowed: torch.Tensor):
-        """Turn a boolean [batch, 1, q, kv] mask into what the HF attention code expects."""
-        if self._window is not None and allowed.shape[-1] > self._window:
-            raise ValueError(
-                f"sequence of {allowed.shape[-1]} tokens exceeds this model's sliding window ({self._window}); "
-                "shorten the prompt or generation length"
-            )
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        if self._layer_types is not None:
-            # Families with per-layer mask types (Gemma 3) take a dict; within the window both are equal.
-            return {kind: mask for kind in set(self._layer_types)}
-        return mask
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
 
-    def forward(self, input_ids, position_ids, allowed, past_key_values=None, use_cache=False):
-        """Logits for `input_ids` under the boolean attention mask `allowed` ([batch, 1, q, kv])."""
+    def additive_mask(self, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor):
+        """Turn a boolean [batch, 1, q, kv] mask into what the HF attention code expects.
+
+        Families with per-layer mask types (Gemma 3) take a dict. Their sliding layers see a key only if
+        query_position - key_position < sliding_window, the rule of HF's own sliding-window mask, taken
+        over position ids because xt reuses x0's positions and prompts are left-padded.
+        """
+        if self._layer_types is None:
+            return self._additive(allowed)
+        masks = {kind: allowed for kind in set(self._layer_types)}
+        if self._window is not None:
+            near = query_positions[:, None, :, None] - key_positions[:, None, None, :] < self._window
+            sliding = allowed & near
+            # A padding query past a rollout's end can lose all its keys; like masks.with_padding, give it
+            # every key (its output is never read) so that no softmax row is empty.
+            masks["sliding_attention"] = sliding | ~sliding.any(-1, keepdim=True)
+        return {kind: self._additive(mask) for kind, mask in masks.items()}
+
+    def forward(self, input_ids, position_ids, allowed, past_key_values=None, use_cache=False, key_positions=None):
+        """Logits for `input_ids` under the boolean attention mask `allowed` ([batch, 1, q, kv]).
+
+        `key_positions` ([batch, kv]) are the position ids of the keys; they default to `position_ids`,
+        and differ only when cached keys precede the queries.
+        """
+        keys = position_ids if key_positions is None else key_positions
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=self.additive_mask(allowed),
+            attention_mask=self.additive_mask(allowed, position_ids, keys),
             past_key_values=past_key_values,
             use_cache=use_cache,
         )

@@ -26,8 +26,11 @@ def tokenizer():
     return train_tokenizer([t[:200_000] for t in texts[:4]], vocab_size=400)
 
 
-def tiny_causal_lm(family: str, vocab_size: int, seed: int = 0):
-    """A randomly initialised model of a real HF architecture, small enough for unit tests."""
+def tiny_causal_lm(family: str, vocab_size: int, seed: int = 0, sliding_window: int = 512):
+    """A randomly initialised model of a real HF architecture, small enough for unit tests.
+
+    `sliding_window` applies to Gemma 3's sliding layers; a small one makes short sequences exceed it.
+    """
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                               LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -39,7 +42,7 @@ def tiny_causal_lm(family: str, vocab_size: int, seed: int = 0):
     elif family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))
     elif family == "gemma3":
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=512,
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=sliding_window,
                                                    layer_types=["sliding_attention", "full_attention"]))
     elif family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512))

@@ -135,10 +135,12 @@ def _per_block_loss(student, rollouts, batch, targets, kind, hard):
     return sum(losses) / len(losses)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("states,hard,top_k", [("trajectory", False, None), ("random", False, 8), ("random", True, None)])
-def test_vectorised_loss_equals_per_block_loop(shift, states, hard, top_k, tokenizer):
-    teacher_model = tiny_causal_lm("llama", len(tokenizer), seed=3)
+def test_vectorised_loss_equals_per_block_loop(family, shift, states, hard, top_k, tokenizer):
+    # Gemma 3 with a window of 8: sequences of about 20 tokens, and xt sits far from x0 in the layout.
+    teacher_model = tiny_causal_lm(family, len(tokenizer), seed=3, sliding_window=8)
     student = convert(copy.deepcopy(teacher_model), copy.deepcopy(tokenizer), block_size=4, shift=shift)
     prompts = [tokenizer.encode(t) for t in ["Once more unto the breach", "All the world's a stage", "Is this a dagger"]]
     out = sample(student, prompts, SamplerConfig(max_new_tokens=13, temperature=1.0, steps_per_block=3), seed=5,

@@ -1,4 +1,7 @@
-"""The block-diffusion sampler (OPDLM.md §3) on a converted, really pretrained micro teacher."""
+"""The block-diffusion sampler (OPDLM.md §3) on a converted, really pretrained micro teacher (and, for
+sliding windows, a tiny random Gemma 3)."""
+
+import copy
 
 import pytest
 import torch
@@ -6,6 +9,8 @@ import torch
 from ar2dlm_ray.config import SamplerConfig
 from ar2dlm_ray.sampler import sample, step_quota
 from ar2dlm_ray.student import convert, load_causal_lm
+
+from conftest import tiny_causal_lm
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["noshift", "shift"])
@@ -23,18 +28,32 @@ def _prompts(student):
 @pytest.mark.parametrize("remasking,temperature,threshold", [("static", 0.0, 0.9), ("static", 1.0, 0.9),
                                                              ("dynamic", 0.0, 0.5), ("dynamic", 1.0, 0.3)])
 def test_cached_sampler_equals_full_recomputation(student, remasking, temperature, threshold):
-    prompts = _prompts(student)
+    cached = _assert_cached_equals_recomputed(student, _prompts(student), max_new_tokens=22, remasking=remasking,
+                                              threshold=threshold, temperature=temperature)
+    assert cached.gen_lens.max() > 4  # more than one block was decoded
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("remasking,temperature", [("static", 0.0), ("dynamic", 1.0)])
+def test_cached_sampler_equals_full_recomputation_beyond_a_sliding_window(shift, remasking, temperature, tokenizer):
+    window = 8
+    student = convert(tiny_causal_lm("gemma3", len(tokenizer), sliding_window=window), copy.deepcopy(tokenizer),
+                      block_size=4, shift=shift)
+    prompts = [tokenizer.encode(t) for t in ["O Romeo, Romeo!", "Now is the winter of our discontent", "Is this"]]
+    cached = _assert_cached_equals_recomputed(student, prompts, max_new_tokens=30, remasking=remasking,
+                                              threshold=0.01, temperature=temperature, eos_ids=[])
+    assert cached.sequences.shape[1] > 4 * window
+
+
+def _assert_cached_equals_recomputed(student, prompts, eos_ids=None, **cfg):
+    """Sample with and without the cache; the trajectories must be identical. Returns the cached output."""
     assert len({len(p) for p in prompts}) == len(prompts)
-    outs = []
-    for use_cache in (True, False):
-        cfg = SamplerConfig(max_new_tokens=22, steps_per_block=4, remasking=remasking, threshold=threshold,
-                            temperature=temperature, use_cache=use_cache)
-        outs.append(sample(student, prompts, cfg, seed=11))
-    cached, full = outs
+    cached, full = (sample(student, prompts, SamplerConfig(steps_per_block=4, use_cache=use_cache, **cfg), seed=11,
+                           eos_ids=eos_ids) for use_cache in (True, False))
     assert torch.equal(cached.sequences, full.sequences)
     assert torch.equal(cached.reveal_steps, full.reveal_steps)
     assert torch.equal(cached.gen_lens, full.gen_lens) and torch.equal(cached.forwards, full.forwards)
-    assert cached.gen_lens.max() > 4  # more than one block was decoded
+    return cached
 
 
 def test_static_commits_the_quota_each_step(student):

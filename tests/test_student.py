@@ -35,9 +35,49 @@ def test_block_size_one_with_shift_gives_teacher_logits(family, tokenizer):
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_sliding_window_student_gives_teacher_logits_beyond_the_window(tokenizer):
+    window = 8
+    teacher = tiny_causal_lm("gemma3", len(tokenizer), sliding_window=window)
+    student = convert(copy.deepcopy(teacher), copy.deepcopy(tokenizer), block_size=1, shift=True)
+    texts = ["Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
+             "Now is the winter of our discontent made glorious summer by this sun of York",
+             "All the world's a stage, and all the men and women merely players"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    assert min(len(p) for p in prompts) > 2 * window and len({len(p) for p in prompts}) == 3  # left-padded
+    seq, pos, valid, width = layout_prompts(prompts, 1, 0, tokenizer.pad_token_id, "cpu")
+    allowed = with_padding(block_causal(width, 1), valid)
+    wide = tiny_causal_lm("gemma3", len(tokenizer), sliding_window=4 * width)  # same weights, window never hit
+    with torch.no_grad():
+        logits, _ = student.forward(seq, pos, allowed)
+        for row, ids in enumerate(prompts):
+            ref = teacher(torch.tensor([ids])).logits[0]  # HF's own sliding-window mask
+            got = logits[row, width - len(ids):, : ref.shape[-1]]
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            unwindowed = wide(torch.tensor([ids])).logits[0]
+            assert torch.equal(unwindowed[:window], ref[:window])
+            assert not torch.allclose(unwindowed[window:], ref[window:], atol=1e-3)  # the window matters
+
+
+def test_sliding_window_leaves_no_query_without_keys(tokenizer):
+    student = convert(tiny_causal_lm("gemma3", len(tokenizer), sliding_window=4), copy.deepcopy(tokenizer), 4)
+    # One real block, then two blocks of padding after the rollout's end whose positions run on (as in
+    # build_batch): the last padding queries are more than a window past every valid key.
+    pos = torch.arange(12)[None]
+    allowed = with_padding(block_causal(12, 4), pos < 4)
+    masks = student.additive_mask(allowed, pos, pos)
+    assert set(masks) == {"sliding_attention", "full_attention"}
+    for mask in masks.values():
+        assert (mask == 0).any(-1).all()
+    assert torch.equal(masks["full_attention"] == 0, allowed)
+    sees = (masks["sliding_attention"][0, 0] == 0).nonzero().tolist()
+    assert [k for q, k in sees if q == 5] == [2, 3]  # valid keys fewer than 4 positions back
+    assert [k for q, k in sees if q == 7] == list(range(12))  # none left: every key, like with_padding
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_sampling_with_block_size_one_reproduces_teacher_generate(family, tokenizer):
-    teacher = tiny_causal_lm(family, len(tokenizer), seed=1)
+    # Gemma 3 with a window of 8: prompts plus 12 new tokens run past it (HF's generate keeps a sliding cache).
+    teacher = tiny_causal_lm(family, len(tokenizer), seed=1, sliding_window=8)
     student = convert(copy.deepcopy(teacher), copy.deepcopy(tokenizer), block_size=1, shift=True)
     cfg = SamplerConfig(max_new_tokens=12, steps_per_block=1, temperature=0.0)
     for ids in _prompts(tokenizer):
