@@ -166,6 +166,11 @@ class DataConfig(_Strict):
                              "chat: dialogue openings of `chat_package` in the model's chat template")
     chat_package: str = Field("chatterbot-corpus", description="prompts=chat: a PyPI package of ChatterBot YAML dialogues")
     chat_language: str = "english"
+    chat_dataset: str | None = Field(None, description="prompts=chat: a `datasets` chat dataset (hub id, or a local "
+                                                       "directory) instead of the packaged chat_package; e.g. "
+                                                       "HuggingFaceH4/ultrachat_200k")
+    chat_column: str = Field("messages", description="chat_dataset: a column of user messages, or of conversations "
+                                                     "(lists of {role, content}; the first user turn is taken)")
     text_files: list[str] = Field(default_factory=list, description="extra local text files")
     dataset: str | None = Field(None, description="a `datasets` dataset (local path or hub id) with a text column")
     dataset_column: str = "text"

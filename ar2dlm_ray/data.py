@@ -136,7 +136,9 @@ def split_by_hash(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
     return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
 
 
-def _dataset_texts(spec: str, column: str) -> list[str]:
+def _load_dataset(spec: str, key: str):
+    """A `datasets` dataset from a saved directory, a directory of data files or a hub id; its `train`
+    split (else its first) when it has several. `key` names the config entry in errors."""
     import datasets
 
     path = Path(spec).expanduser()
@@ -149,13 +151,37 @@ def _dataset_texts(spec: str, column: str) -> list[str]:
         else:
             ds = datasets.load_dataset(spec)
     except Exception as exc:
-        raise ValueError(f"data.dataset: cannot load {spec!r} ({type(exc).__name__}: {exc}); give a local "
-                         "dataset directory (save_to_disk) or a hub id reachable from here") from exc
+        raise ValueError(f"data.{key}: cannot load {spec!r} ({type(exc).__name__}: {exc}); give a local "
+                         "dataset directory (save_to_disk, or data files) or a hub id reachable from here") from exc
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+    return ds
+
+
+def _column(ds, spec: str, key: str, column: str) -> list:
     if column not in ds.column_names:
-        raise ValueError(f"data.dataset_column: {spec!r} has no column {column!r} (columns: {ds.column_names})")
-    return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+        raise ValueError(f"data.{key}: {spec!r} has no column {column!r} (columns: {ds.column_names})")
+    return ds[column]
+
+
+def _dataset_texts(spec: str, column: str) -> list[str]:
+    return [t for t in _column(_load_dataset(spec, "dataset"), spec, "dataset_column", column)
+            if isinstance(t, str) and t.strip()]
+
+
+def dataset_chat_openings(spec: str, column: str) -> list[str]:
+    """The distinct opening user turns of a chat dataset: a column of strings (the user's message), or of
+    conversations as lists of {role, content} (the first user message is taken)."""
+    openings: dict[str, None] = {}
+    for value in _column(_load_dataset(spec, "chat_dataset"), spec, "chat_column", column):
+        if isinstance(value, list):
+            value = next((m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"), None)
+        if isinstance(value, str) and value.strip():
+            openings.setdefault(value.strip(), None)
+    if not openings:
+        raise ValueError(f"data.chat_column: column {column!r} of {spec!r} holds no user messages (strings, or "
+                         "lists of {role, content} with a 'user' turn)")
+    return list(openings)
 
 
 def load_corpus(data_cfg: DataConfig, cache_dir: Path | None = None, shakespeare: bool = True) -> Corpus:
@@ -206,8 +232,13 @@ def render_chat(tokenizer, text: str) -> str:
 
 
 def chat_split(data_cfg: DataConfig, tokenizer, heldout: bool) -> list[str]:
-    """The training (or held-out) chat openings of `data.chat_package`, rendered in the chat template."""
-    train, held = split_by_hash(chat_prompts(data_cfg.chat_package, data_cfg.chat_language), data_cfg.seed)
+    """The training (or held-out) chat openings of `data.chat_dataset` (else the packaged `data.chat_package`),
+    rendered in the chat template."""
+    if data_cfg.chat_dataset:
+        openings = dataset_chat_openings(data_cfg.chat_dataset, data_cfg.chat_column)
+    else:
+        openings = chat_prompts(data_cfg.chat_package, data_cfg.chat_language)
+    train, held = split_by_hash(openings, data_cfg.seed)
     chosen = held if heldout else train
     random.Random(f"chat-{data_cfg.seed}").shuffle(chosen)
     return [render_chat(tokenizer, t) for t in chosen]

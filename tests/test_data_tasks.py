@@ -172,3 +172,30 @@ def test_conversion_corpus_variants(micro_teacher):
     text = " ".join(tok.decode(c) for c in mixed)
     held = [e for e in task_suite_for(cfg, micro_teacher).heldout_examples(200, 0) if e.task == "arith"]
     assert held and not any(e.document in text for e in held)
+
+
+def test_chat_prompts_from_a_dataset(tmp_path, tokenizer, corpus):
+    """`data.chat_dataset`: the first user turn of each conversation (or a column of messages), distinct,
+    rendered in the chat template; a wrong column is named with the columns there are."""
+    import copy
+    import json
+
+    from ar2dlm_ray.data import chat_split
+
+    lines = [ln.strip() for t in corpus.train_texts[:2] for ln in t.splitlines() if len(ln.strip()) > 20][:60]
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q},
+                          {"role": "assistant", "content": "Indeed."}], "prompt": q} for q in lines]
+    rows.append(rows[0])  # a repeated conversation is one prompt
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    for column in ("messages", "prompt"):
+        cfg = DataConfig(prompts="chat", chat_dataset=str(tmp_path / "data"), chat_column=column)
+        train, held = chat_split(cfg, tok, heldout=False), chat_split(cfg, tok, heldout=True)
+        assert len(train) + len(held) == len(set(lines)) and not set(train) & set(held)
+        assert {p.removeprefix("<user>").removesuffix("\n<assistant>") for p in train + held} == set(lines)
+    with pytest.raises(ValueError, match=r"data.chat_column: .* no column 'conversation' \(columns: \['messages', 'prompt'\]\)"):
+        chat_split(DataConfig(prompts="chat", chat_dataset=str(tmp_path / "data"), chat_column="conversation"), tok, False)
+    with pytest.raises(ValueError, match="data.chat_dataset: cannot load"):
+        chat_split(DataConfig(prompts="chat", chat_dataset=str(tmp_path / "missing")), tok, False)
