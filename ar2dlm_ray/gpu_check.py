@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -25,7 +24,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 try:
     from . import config as _config  # noqa: F401  (only to learn whether it imports)
 except ImportError:
-    # sampler.py imports SamplerConfig for its annotations only; GPU images may lack pydantic and yaml.
+    # sampler.py imports SamplerConfig for its annotations only, and config.py needs pydantic, which a
+    # bare torch + transformers GPU image may lack.
     _stub = types.ModuleType(f"{__package__}.config")
     _stub.SamplerConfig = object  # never used: `sample` is given a SamplerSettings below
     sys.modules[_stub.__name__] = _stub
