@@ -175,6 +175,8 @@ class DataConfig(_Strict):
     dataset: str | None = Field(None, description="a `datasets` dataset (local path or hub id) with a text column")
     dataset_column: str = "text"
     num_prompts: int = Field(256, gt=0)
+    max_prompt_tokens: int | None = Field(None, gt=0, description="leave out longer prompts (rendered, in tokens), "
+                                                                  "so that prompt + rollout fit the teacher's context")
     text_prompt_fraction: float = Field(0.25, ge=0.0, le=1.0)
     prompt_tokens: int = Field(24, gt=0, description="length of text-opening prompts, in tokens")
     corpus_seq_len: int = Field(64, gt=0, description="bd3lm: length of held-out corpus chunks")

@@ -51,7 +51,13 @@ def encode_prompts(cfg: RunConfig, tokenizer, teacher_path: str | None = None) -
 
     suite = task_suite_for(cfg, teacher_path)
     prompts = build_prompts(cfg.data, tokenizer, suite, load_corpus(cfg.data))
-    return [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    limit = cfg.data.max_prompt_tokens
+    kept = [ids for ids in encoded if limit is None or len(ids) <= limit]
+    if not kept:
+        raise ValueError(f"data.max_prompt_tokens ({limit}) is shorter than every prompt (the shortest has "
+                         f"{min(map(len, encoded))} tokens); raise it")
+    return kept
 
 
 def conversion_corpus(cfg: RunConfig, tokenizer, teacher_path: str | None, n: int) -> list[list[int]]:
