@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import types
 from dataclasses import dataclass, field, replace
@@ -20,15 +19,6 @@ from dataclasses import dataclass, field, replace
 import torch
 import transformers
 from transformers import Qwen3Config, Qwen3ForCausalLM
-
-try:
-    from . import config as _config  # noqa: F401  (only to learn whether it imports)
-except ImportError:
-    # sampler.py imports SamplerConfig for its annotations only, and config.py needs pydantic, which a
-    # bare torch + transformers GPU image may lack.
-    _stub = types.ModuleType(f"{__package__}.config")
-    _stub.SamplerConfig = object  # never used: `sample` is given a SamplerSettings below
-    sys.modules[_stub.__name__] = _stub
 
 from .losses import objective
 from .sampler import _CachedContext, _RecomputeContext, layout_prompts, sample
