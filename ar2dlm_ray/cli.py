@@ -61,14 +61,16 @@ def cmd_sample(args) -> None:
 
 def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)
+    if args.allow_change and not args.resume:
+        raise ConfigError("--allow-change applies only with --resume")
     if cfg.mode == "ray":
         from .cluster.driver import train as ray_train
 
-        ray_train(cfg, resume=args.resume, log=_log)
+        ray_train(cfg, resume=args.resume, log=_log, overwrite=args.overwrite, allow_change=tuple(args.allow_change))
         return
     from .trainer import train
 
-    train(cfg, resume=args.resume, log=_log)
+    train(cfg, resume=args.resume, log=_log, overwrite=args.overwrite, allow_change=tuple(args.allow_change))
 
 
 def cmd_pretrain(args) -> None:
@@ -110,10 +112,12 @@ def cmd_eval(args) -> None:
 def cmd_demo(args) -> None:
     """Pretrain (or reuse) the micro teacher, convert it, train with OPDLM, evaluate before/after."""
     from .evaluate import EvalData, evaluate_student, evaluate_teacher, format_table, judge_teacher
+    from .runs import check_run_dir
     from .student import load_student
     from .trainer import LocalTrainer, resolve_teacher_path
 
     cfg = load_config(args.config, args.overrides)
+    check_run_dir(Path(cfg.train.out_dir), cfg.logging.metrics_file, False, args.overwrite)  # before any work
     start = time.perf_counter()
     teacher_path = resolve_teacher_path(cfg, _log)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"teacher": teacher_path})})
@@ -127,7 +131,7 @@ def cmd_demo(args) -> None:
     _log("[demo] evaluated the teacher")
     rows["student before"] = evaluate_student(trainer.student, teacher, cfg, data, samples["student before"])
     _log("[demo] evaluated the converted student before training")
-    summary = trainer.run()
+    summary = trainer.run(overwrite=args.overwrite)
     after = load_student(summary["final_student"], cfg.model.dtype, cfg.model.device)
     rows["student after"] = evaluate_student(after, teacher, cfg, data, samples["student after"])
     table = format_table(rows)
@@ -229,6 +233,16 @@ def _add_overrides(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-4")
 
 
+def add_run_dir_flags(p) -> None:
+    """How a training run treats train.out_dir (also the Ray job entrypoint's flags, ar2dlm_ray/train.py)."""
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in train.out_dir (its metrics, checkpoints, summary and final student)")
+    p.add_argument("--allow-change", type=lambda text: [k for k in text.split(",") if k], action="extend",
+                   default=[], metavar="KEY[,KEY...]",
+                   help="with --resume: accept these config changes (dotted keys or whole sections, e.g. train.lr,data)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ar2dlm", description="Turn an autoregressive LM into a block-diffusion LM with on-policy distillation.")
@@ -259,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a student (OPDLM or a baseline) from a YAML config")
     p.add_argument("--config", required=True)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
+    add_run_dir_flags(p)
     _add_overrides(p)
     p.set_defaults(func=cmd_train)
 
@@ -317,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: pretrain/reuse teacher, convert, train, evaluate, print table")
     p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in train.out_dir")
     _add_overrides(p)
     p.set_defaults(func=cmd_demo)
     return parser

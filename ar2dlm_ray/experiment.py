@@ -214,7 +214,8 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
     After every evaluation the trainer is checkpointed, so an interrupted run resumes from its last
     evaluated budget with the same data order and rollouts."""
     from .evaluate import EvalData, evaluate_student, judge_teacher
-    from .trainer import LocalTrainer, read_checkpoint
+    from .runs import read_checkpoint
+    from .trainer import LocalTrainer
 
     torch.set_num_threads(threads)
     result_path = experiment.out / "runs" / f"{spec.key}.json"
@@ -236,7 +237,7 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
     pending = [b for b in spec.budgets if b not in {e["budget"] for e in evals}]
     start, train_s = time.perf_counter(), 0.0
     if not pending:  # interrupted after its last evaluation: the checkpoint holds the accounting
-        accounting = read_checkpoint(work / "checkpoints")[1]["accounting"]
+        accounting = read_checkpoint(work / "checkpoints", log)[1]["accounting"]
         return _finish(experiment, spec, result_path, work, evals, accounting, start, teacher_path)
 
     trainer = LocalTrainer(cfg, log=lambda *a, **k: None)
@@ -264,7 +265,8 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
             mark = time.perf_counter()
         return not pending
 
-    trainer.run(resume=resume, after_batch=after_batch)
+    # The work directory is this run's own: without a checkpoint, what an interrupted start left is replaced.
+    trainer.run(resume=resume, overwrite=not resume, after_batch=after_batch)
     return _finish(experiment, spec, result_path, work, evals, trainer.accounting, start, teacher_path)
 
 

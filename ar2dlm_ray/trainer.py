@@ -10,8 +10,6 @@ data order and the same rollouts.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,6 +21,7 @@ from .curriculum import generation_length
 from .learner import Learner
 from .rollout import (RECIPES, PromptOrder, conversion_corpus, corpus_rollouts, encode_prompts, rollout_seed,
                       student_rollouts, teacher_rollouts)
+from .runs import check_run_dir, flops, prepare_run_dir, write_checkpoint
 from .states import Rollout
 from .student import Student, convert, is_student_dir, load_causal_lm, load_student
 from .teacher import build_teacher
@@ -51,13 +50,6 @@ def build_student(cfg: RunConfig, teacher_path: str) -> Student:
 
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def flops(acc: dict, n_teacher: int, n_student: int, block_size: int) -> dict:
-    """Training FLOPs as the paper counts them, and including the sampler's forwards."""
-    paper = 2 * n_teacher * acc["tokens_trained"] + 6 * n_student * acc["tokens_trained"]
-    sampler = 2 * n_student * acc["sampler_forwards"] * block_size
-    return {"flops_paper": paper, "flops_with_sampler": paper + sampler}
 
 
 class LocalTrainer:
@@ -98,11 +90,15 @@ class LocalTrainer:
         rollouts, forwards = student_rollouts(self.student, prompts, indices, self.cfg, gen_len, seed, self.step)
         return rollouts, {"sampler_forwards": forwards}
 
-    def run(self, resume: bool = False, after_batch: Callable[["LocalTrainer"], bool] | None = None) -> dict:
+    def run(self, resume: bool = False, after_batch: Callable[["LocalTrainer"], bool] | None = None,
+            overwrite: bool = False, allow_change: tuple[str, ...] = ()) -> dict:
         """Train to `train.max_steps`; `after_batch(self)` runs after each rollout batch (checkpointed or
-        not) and stops training early by returning True (the experiment runner's budget evaluations)."""
+        not) and stops training early by returning True (the experiment runner's budget evaluations).
+        `resume` continues the run in train.out_dir, `overwrite` replaces it (see runs.prepare_run_dir)."""
         cfg = self.cfg
-        metrics_path = prepare_run_dir(cfg, self.out_dir, resume, self._resume)
+        metrics_path, resumed = prepare_run_dir(cfg, resume, overwrite, allow_change, self.log)
+        if resumed:
+            self._resume(*resumed)
         since_ckpt = 0
         self.log(f"[train] recipe={cfg.train.recipe} steps={self.total_steps} prompts={len(self.prompts)} "
                  f"student={self.n_student / 1e6:.2f}M params, block={self.student.spec.block_size} "
@@ -177,8 +173,7 @@ class LocalTrainer:
             "accounting": dict(self.accounting), "config": dump_config(self.cfg),
         }, self.cfg.train.keep_checkpoints)
 
-    def _resume(self, metrics_path: Path) -> None:
-        ckpt, state = read_checkpoint(self.ckpt_root)
+    def _resume(self, ckpt: Path, state: dict) -> None:
         loaded = load_student(ckpt / "student", self.cfg.model.dtype, self.cfg.model.device,
                               self.cfg.model.attn_implementation)
         self.student.model.load_state_dict(loaded.model.state_dict())
@@ -186,57 +181,10 @@ class LocalTrainer:
         torch.set_rng_state(state["rng"])
         self.step, self.next_batch = state["step"], state["next_batch"]
         self.accounting = dict(state["accounting"])
-        trim_metrics(metrics_path, self.step)
         self.log(f"[train] resumed from {ckpt.name}: step {self.step}, next rollout batch {self.next_batch}")
 
 
-# ---- checkpoint format (shared with the Ray driver) -----------------------------------------------------
-def prepare_run_dir(cfg: RunConfig, out_dir: Path, resume: bool, resume_fn: Callable[[Path], None]) -> Path:
-    """Create the run directory, record the config, and resume or start a fresh metrics log."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
-    metrics_path = out_dir / cfg.logging.metrics_file
-    if resume:
-        resume_fn(metrics_path)
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    return metrics_path
-
-
-def write_checkpoint(root: Path, step: int, save_student: Callable[[Path], object], state: dict, keep: int) -> Path:
-    """`root/step_N/{student/, trainer_state.pt}` written atomically, `root/latest.json`, and pruning."""
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
-    tmp = root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_student(tmp / "student")
-    torch.save(state, tmp / "trainer_state.pt")
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = root / ".latest.json.tmp"
-    latest_tmp.write_text(json.dumps({"checkpoint": name, "step": step}))
-    os.replace(latest_tmp, root / "latest.json")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def read_checkpoint(root: Path) -> tuple[Path, dict]:
-    latest = root / "latest.json"
-    if not latest.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {root}; run without --resume to start")
-    ckpt = root / json.loads(latest.read_text())["checkpoint"]
-    return ckpt, torch.load(ckpt / "trainer_state.pt", weights_only=False)
-
-
-def trim_metrics(metrics_path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint: that work will be redone."""
-    if metrics_path.exists():
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        metrics_path.write_text("".join(k + "\n" for k in kept))
-
-
-def train(cfg: RunConfig, resume: bool = False, log: Callable = print) -> dict:
-    return LocalTrainer(cfg, log).run(resume=resume)
+def train(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite: bool = False,
+          allow_change: tuple[str, ...] = ()) -> dict:
+    check_run_dir(Path(cfg.train.out_dir), cfg.logging.metrics_file, resume, overwrite)  # before any work
+    return LocalTrainer(cfg, log).run(resume=resume, overwrite=overwrite, allow_change=allow_change)

@@ -26,8 +26,8 @@ from ray.util.queue import Queue
 
 from ..config import ConfigError, RunConfig, StartupError, dump_config
 from ..rollout import RECIPES
-from ..trainer import (flops, prepare_run_dir, read_checkpoint, resolve_teacher_path, trim_metrics,
-                       write_checkpoint)
+from ..runs import check_run_dir, flops, prepare_run_dir, write_checkpoint
+from ..trainer import resolve_teacher_path
 from .actors import LearnerWorker, RolloutWorker, TeacherServer
 from .metrics import Metrics
 from .weights import REGISTRY_NAME, WeightRegistry
@@ -184,9 +184,11 @@ class RayTrainer:
         self.produced_s.append((stats["rollout_s"], stats["teacher_s"]))
 
     # ---- the loop ----------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict:
+    def run(self, resume: bool = False, overwrite: bool = False, allow_change: tuple[str, ...] = ()) -> dict:
         cfg = self.cfg
-        metrics_path = prepare_run_dir(cfg, self.out_dir, resume, self._resume)
+        metrics_path, resumed = prepare_run_dir(cfg, resume, overwrite, allow_change, self.log)
+        if resumed:
+            self._resume(*resumed)
         self.start_step = self.step
         self.next_batch = self.start_batch
         self.supplied = self.demand = 0
@@ -310,12 +312,10 @@ class RayTrainer:
         return write_checkpoint(self.ckpt_root, self.step, lambda p: ray.get(self.learners[0].save.remote(str(p))),
                                 state, self.cfg.train.keep_checkpoints)
 
-    def _resume(self, metrics_path: Path) -> None:
-        ckpt, state = read_checkpoint(self.ckpt_root)
+    def _resume(self, ckpt: Path, state: dict) -> None:
         ray.get([lw.load.remote(str(ckpt / "student"), state) for lw in self.learners])
         self.step, self.start_batch = state["step"], state["next_batch"]
         self.accounting.update(state["accounting"])
-        trim_metrics(metrics_path, self.step)
         self.log(f"[train] resumed from {ckpt.name}: step {self.step}, next rollout batch {self.start_batch}")
 
 
@@ -362,9 +362,11 @@ def _exists(name: str) -> bool:
         return False
 
 
-def train(cfg: RunConfig, resume: bool = False, log: Callable = print) -> dict:
+def train(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite: bool = False,
+          allow_change: tuple[str, ...] = ()) -> dict:
+    check_run_dir(Path(cfg.train.out_dir), cfg.logging.metrics_file, resume, overwrite)  # before starting pools
     trainer = RayTrainer(cfg, log)
     try:
-        return trainer.run(resume=resume)
+        return trainer.run(resume=resume, overwrite=overwrite, allow_change=allow_change)
     finally:
         trainer.close()
