@@ -96,3 +96,50 @@ def test_resume_after_kill_continues_with_same_steps_and_data(micro_teacher, tmp
     ref_acc = json.loads((ref_dir / "summary.json").read_text())["accounting"]
     got_acc = json.loads((run_dir / "summary.json").read_text())["accounting"]
     assert ref_acc == got_acc and got_acc["prompts_consumed"] == 6 * 16
+
+
+def _cli_train(teacher, out_dir, *flags, **extra):
+    from ar2dlm_ray.cli import main
+
+    settings = {"train.max_steps": 2, "train.checkpoint_every": 1, "data.num_prompts": 64, **extra}
+    return main(["train", "--config", "configs/micro.yaml", *flags, *_overrides(teacher, out_dir, **settings)])
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_fresh_run_never_replaces_a_previous_one(micro_teacher, tmp_path, capsys):
+    assert _cli_train(micro_teacher, tmp_path, **{"train.max_steps": 3}) == 0
+    before = _files(tmp_path)
+    capsys.readouterr()
+    assert _cli_train(micro_teacher, tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ar2dlm: error:") and "\n" not in err, err
+    assert str(tmp_path) in err and "--resume" in err and "--overwrite" in err
+    assert _files(tmp_path) == before, "the refused run changed the previous one"
+
+    assert _cli_train(micro_teacher, tmp_path, "--overwrite") == 0
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002"]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
+def test_resume_refuses_config_changes_and_falls_back_from_a_damaged_checkpoint(micro_teacher, tmp_path, capsys):
+    assert _cli_train(micro_teacher, tmp_path) == 0
+    capsys.readouterr()
+    changed = {"train.max_steps": 3, "train.seed": 5, "model.block_size": 8}
+    assert _cli_train(micro_teacher, tmp_path, "--resume", **changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.seed 0 -> 5" in err and "model.block_size 4 -> 8" in err and "max_steps" not in err, err
+    assert "--allow-change model.block_size,train.seed" in err and "\n" not in err
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2]
+
+    # The newest checkpoint is damaged: the run continues from the one before, and says so.
+    state = tmp_path / "checkpoints" / "step_0000002" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    flags = ("--resume", "--allow-change", "train.seed")
+    assert _cli_train(micro_teacher, tmp_path, *flags, **{"train.max_steps": 3, "train.seed": 5}) == 0
+    out = capsys.readouterr().out
+    assert "step_0000002 has an unreadable trainer_state.pt" in out and "resuming from step_0000001 instead" in out
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]
