@@ -28,8 +28,9 @@ endif
 
 setup: $(STAMP)
 
+# The demo is a scratch run: it replaces its own previous output in runs/demo/<config>, never a training run's.
 demo: $(STAMP)
-	$(BIN)/ar2dlm demo --config $(CONFIG)
+	$(BIN)/ar2dlm demo --config $(CONFIG) --overwrite train.out_dir=runs/demo/$(basename $(notdir $(CONFIG)))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -27,8 +27,9 @@ RUN_ENTRIES = ("checkpoints", "summary.json", "final")
 # Config keys (or whole sections) a resume may change without changing what is trained: how long to run,
 # where and how often to write, what to log, evaluation, and where and on how many actors the pools run.
 SAFE_CHANGES = ("train.max_steps", "train.out_dir", "train.checkpoint_every", "train.keep_checkpoints", "logging",
-                "eval", "ray", "model.device", "teacher.num_replicas", "teacher.pool", "rollout", "learner.num_cpus",
-                "learner.num_gpus", "learner.resources", "learner.labels", "learner.max_restarts")
+                "eval", "ray", "model.device", "teacher.num_replicas", "teacher.pool", "teacher.call_timeout_s",
+                "rollout", "learner.num_cpus", "learner.num_gpus", "learner.resources", "learner.labels",
+                "learner.max_restarts")
 STATE_KEYS = {"step", "next_batch", "optimizer", "scheduler", "rng", "accounting", "config"}
 ABSENT = "(absent)"
 
