@@ -11,13 +11,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# Defined without pydantic, because the model code raises them too; re-exported for the rest of the package.
+from .checks import ConfigError, StartupError  # noqa: F401
+from .checks import context_problem, file_in_path, model_config, model_dir_problem, package_problem
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and how to fix it."""
 
-
-class StartupError(RuntimeError):
-    """A component that cannot start (a teacher engine, an actor); the message says why and what to change."""
+# Seeds are multiplied into per-batch seeds (rollout_seed); 32 bits keep those within torch's 64-bit range.
+SEED_MAX = 2**32 - 1
+MICRO_CONTEXT = 1024  # max_position_embeddings of the micro teacher (pretrain.py)
 
 
 class _Strict(BaseModel):
@@ -38,11 +39,19 @@ class ModelConfig(_Strict):
     @field_validator("teacher", "student")
     @classmethod
     def _path_exists(cls, value: str | None, info):
-        if value is None or (info.field_name == "teacher" and (value == "micro" or value.startswith("gguf:"))):
+        if value is not None and info.field_name == "teacher" and value.startswith("gguf:"):
+            problem = package_problem(value.removeprefix("gguf:"))
+            if problem:
+                raise ValueError(f"gguf:<package>: {problem}")
+            return value
+        if value is None or (info.field_name == "teacher" and value == "micro"):
             return value
         if not _is_local_or_hub(value):
             hint = " or 'micro' (the built-in micro teacher)" if info.field_name == "teacher" else ""
             raise ValueError(f"no such directory {value!r}; give an existing Hugging Face model directory{hint}")
+        problem = model_dir_problem(value, student=info.field_name == "student")
+        if problem:
+            raise ValueError(problem)
         return value
 
 
@@ -144,10 +153,18 @@ class TrainConfig(_Strict):
                                                    "false updates the low-precision weights directly (pure bf16)")
     max_steps: int | None = Field(None, gt=0, description="stop after this many training steps (rollout batches "
                                                           "per learner)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     out_dir: str = "runs/micro"
     checkpoint_every: int = Field(10, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+
+    @field_validator("out_dir")
+    @classmethod
+    def _makeable(cls, value: str):
+        blocker = file_in_path(value)
+        if blocker is not None:
+            raise ValueError(f"{str(blocker)!r} is a file, so {value!r} cannot be a run directory; choose another path")
+        return value
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainConfig":
@@ -184,7 +201,23 @@ class DataConfig(_Strict):
         "heldout_text", description="bd3lm's text: held-out text only, or mixed with task documents as in the "
                                     "micro teacher's pretraining")
     teacher_max_new_tokens: int = Field(64, gt=0, description="sft/kd_off: length of teacher generations")
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=SEED_MAX)
+
+    @field_validator("chat_package")
+    @classmethod
+    def _package_name(cls, value: str):
+        problem = package_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("text_files")
+    @classmethod
+    def _files_exist(cls, value: list[str]):
+        missing = [f for f in value if not Path(f).expanduser().is_file()]
+        if missing:
+            raise ValueError(f"no such file: {', '.join(map(repr, missing))}")
+        return value
 
 
 class PretrainConfig(_Strict):
@@ -200,7 +233,7 @@ class PretrainConfig(_Strict):
     lr: float = Field(3e-3, gt=0)
     task_fraction: float = Field(0.6, ge=0.0, le=1.0)
     num_facts: int = Field(60, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     threads: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -218,7 +251,7 @@ class EvalConfig(_Strict):
     nelbo_samples: int = Field(2, gt=0, description="random masks per held-out sequence")
     num_samples_shown: int = Field(4, ge=0, description="generations printed before/after training (demo)")
     full_length_kl: bool = Field(False, description="also the on-policy KL of rollouts that may not stop early")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class LoggingConfig(_Strict):
@@ -279,6 +312,59 @@ class RunConfig(_Strict):
     learner: LearnerGroupConfig = Field(default_factory=LearnerGroupConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @model_validator(mode="after")
+    def _fits_the_machine_and_model(self) -> "RunConfig":
+        """What can be checked before any weights load: the device, and the model's config.json."""
+        m = self.model
+        if m.device == "cuda" and self.mode == "local":  # mode=ray: the actors' machines may have GPUs
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("model.device is 'cuda' but no CUDA device is visible; use model.device=cpu or auto")
+        local = m.teacher != "micro" and not m.teacher.startswith("gguf:")
+        vocab = self.pretrain.vocab_size if m.teacher == "micro" else model_config(m.teacher).get("vocab_size")
+        if local or m.student:
+            info = model_config(m.student or m.teacher)
+            context = info.get("max_position_embeddings") or info.get("n_positions")
+        else:
+            context = MICRO_CONTEXT if m.teacher == "micro" else None
+        if self.teacher.top_k and vocab and self.teacher.top_k > vocab:
+            raise ValueError(f"teacher.top_k ({self.teacher.top_k}) exceeds the teacher's vocabulary ({vocab}); "
+                             f"use at most {vocab}, or null for full-vocabulary targets")
+        # Chat prompts have no known length unless data.max_prompt_tokens caps them; sampling checks the rest.
+        d = self.data
+        prompt = d.max_prompt_tokens or (d.prompt_tokens if d.prompts != "chat" else 1)
+        rollout = ("curriculum.max_len", self.curriculum.max_len) if self.curriculum.enabled else (
+            "sampler.max_new_tokens", self.sampler.max_new_tokens)
+        for key, new in (rollout, ("eval.max_new_tokens", self.eval.max_new_tokens)):
+            problem = context_problem(prompt, new, m.block_size, context)
+            if problem:
+                raise ValueError(f"{key}={new}: {problem}")
+        return self
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping, where plain YAML keeps the last value silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    mark = key_node.start_mark
+                    raise ConfigError(f"{mark.name}: line {mark.line + 1}: key {key!r} appears twice in one "
+                                      f"section; keep one")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml(text) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {' '.join(str(exc).split())}") from None
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
@@ -287,9 +373,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key; write it as key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+        value = _yaml(raw) if raw != "" else None
+    except ConfigError as exc:
+        raise ConfigError(f"override {text!r}: value is {exc}") from None
     return key.split("."), value
 
 
@@ -306,23 +392,24 @@ def _set_dotted(tree: dict, keys: list[str], value: Any, origin: str) -> None:
 def _format_validation(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key; check its spelling against configs/ or `ar2dlm train --help`"
+        if not key:  # a check across sections: its message names the keys, its input is the whole config
+            lines.append(f"  {msg}")
+            continue
         got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
         lines.append(f"  {key}: {msg}{got}")
-    return "\n".join(lines)
+    return " ".join(line.strip() for line in lines) if len(lines) == 2 else "\n".join(lines)  # one error, one line
 
 
 def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    with path.open() as stream:  # a stream, so that YAML marks name the file
+        tree = _yaml(stream) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(tree).__name__}")
     return tree

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig, PretrainConfig
+from .config import MICRO_CONTEXT, DataConfig, PretrainConfig
 from .data import Corpus, corpus_chunks, default_cache_dir, load_corpus, text_prompts
 from .tasks import EOS_TOKEN, PAD_TOKEN, TaskExample, TaskSuite, is_correct
 
@@ -167,7 +167,7 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=pcfg.hidden_size, num_hidden_layers=pcfg.num_layers,
             num_attention_heads=pcfg.num_heads, num_key_value_heads=pcfg.num_heads,
-            intermediate_size=pcfg.intermediate_size, max_position_embeddings=1024,
+            intermediate_size=pcfg.intermediate_size, max_position_embeddings=MICRO_CONTEXT,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
         model = LlamaForCausalLM(config).float()
