@@ -211,14 +211,6 @@ class DataConfig(_Strict):
             raise ValueError(problem)
         return value
 
-    @field_validator("text_files")
-    @classmethod
-    def _files_exist(cls, value: list[str]):
-        missing = [f for f in value if not Path(f).expanduser().is_file()]
-        if missing:
-            raise ValueError(f"no such file: {', '.join(map(repr, missing))}")
-        return value
-
 
 class PretrainConfig(_Strict):
     cache_dir: str = Field("~/.cache/ar2dlm_ray/micro_teacher", description="where the micro teacher is kept")
