@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .checks import file_in_path
-from .config import SEED_MAX, ConfigError, SamplerConfig, StartupError, load_config
+from .config import SEED_MAX, ConfigError, RunError, SamplerConfig, StartupError, load_config
 
 DEFAULT_CONFIG = "configs/micro.yaml"
 
@@ -400,8 +401,12 @@ def run_guarded(func, *args) -> int:
     hf_logging.disable_progress_bar()
     try:
         func(*args)
-    except (ConfigError, FileNotFoundError, StartupError) as exc:
-        print(f"ar2dlm: error: {exc}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, StartupError, RunError) as exc:
+        hint = ""
+        if getattr(exc, "resumable", False) and args and getattr(args[0], "argv", None) is not None:
+            argv = [a for a in args[0].argv if a not in ("--resume", "--overwrite")]
+            hint = f"; continue from the last checkpoint with: {shlex.join(['ar2dlm', *argv, '--resume'])}"
+        print(f"ar2dlm: error: {exc}{hint}", file=sys.stderr)
         return 2
     return 0
 
@@ -416,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the --resume hint of a stopped run
     return run_guarded(args.func, args)
 
 

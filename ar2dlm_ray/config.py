@@ -16,6 +16,15 @@ from .checks import ConfigError, StartupError  # noqa: F401
 from .checks import context_problem, file_in_path, model_config, model_dir_problem, package_problem
 
 
+class RunError(RuntimeError):
+    """A run that had to stop (an actor out of its restart budget, a dead learner); the message names the
+    culprit. `resumable`: the latest checkpoint is good and `--resume` continues from it."""
+
+    def __init__(self, message: str, resumable: bool = False):
+        super().__init__(message)
+        self.resumable = resumable
+
+
 # Seeds are multiplied into per-batch seeds (rollout_seed); 32 bits keep those within torch's 64-bit range.
 SEED_MAX = 2**32 - 1
 MICRO_CONTEXT = 1024  # max_position_embeddings of the micro teacher (pretrain.py)
@@ -103,6 +112,9 @@ class TeacherConfig(_Strict):
     max_num_seqs: int | None = Field(None, gt=0, description="vllm: sequences per engine step; default: vLLM's")
     max_logprobs: int | None = Field(None, gt=0, description="vllm: the engine's cap; default: top_k")
     enforce_eager: bool = Field(True, description="vllm: no CUDA graphs / compilation (fast start; prefill-only)")
+    call_timeout_s: float = Field(600.0, gt=0, description="mode=ray: a scoring or generation call that takes longer "
+                                                           "is abandoned, its replica restarted, the call retried on "
+                                                           "another")
 
     @model_validator(mode="after")
     def _vllm_needs_top_k(self) -> "TeacherConfig":
@@ -256,6 +268,8 @@ class RolloutPoolConfig(PoolResources):
     """mode=ray: the rollout workers (a student copy and the sampler each)."""
 
     num_workers: int = Field(1, gt=0)
+    call_timeout_s: float = Field(1800.0, gt=0, description="a rollout batch not delivered within this is abandoned, "
+                                                            "its worker restarted and the batch redone on another")
 
 
 class LearnerGroupConfig(PoolResources):
@@ -287,6 +301,7 @@ class RayConfig(_Strict):
     queue_size: int = Field(4, gt=0, description="rollout batches buffered between producers and learners")
     actor_threads: int = Field(1, gt=0, description="torch threads per actor")
     timeout_s: float = Field(900.0, gt=0, description="longest wait for a rollout batch or a learner step")
+    connect_timeout_s: float = Field(30.0, gt=0, description="ray.address: how long to try reaching the cluster")
 
 
 class RunConfig(_Strict):

@@ -144,7 +144,7 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
 
 
 @pytest.mark.slow
-def test_stale_batch_is_dropped_and_counted(micro_teacher, tmp_path, local_ray):
+def test_stale_batch_is_dropped_and_duplicates_are_discarded(micro_teacher, tmp_path, local_ray):
     from ar2dlm_ray.cluster.driver import RayTrainer
 
     cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
@@ -155,12 +155,95 @@ def test_stale_batch_is_dropped_and_counted(micro_teacher, tmp_path, local_ray):
         stale = ray.get(trainer.workers[0].produce.remote(50, 0, to_queue=False))
         stale["stats"]["version"] = -5
         trainer.queue.put(stale)
+        # Batch 0 delivered twice ahead of the driver's own delivery of it: a worker that died after putting
+        # its batch, which the driver then had redone. It must be trained once.
+        first = ray.get(trainer.workers[0].produce.remote(0, 0, to_queue=False))
+        trainer.queue.put(first)
+        trainer.queue.put(first)
         summary = trainer.run()
     finally:
         trainer.close()
-    acc = summary["accounting"]
+    acc, delivery = summary["accounting"], summary["delivery"]
     metrics = _metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    assert all(50 not in m["batches"] for m in metrics), "a stale batch was trained on"
+    trained = [b for m in metrics for b in m["batches"]]
+    assert trained == [0, 1, 2], "each batch trained once, none lost"
     assert acc["dropped_stale"] == stale["stats"]["rolled_out"] > 0 and acc["regenerated"] == 0
+    assert acc["discarded_duplicates"] == 2 * first["stats"]["rolled_out"]
+    assert delivery["trained_ids"] == [0, 1, 2] and delivery["dropped_ids"] == [50]
+    assert delivery["discarded_duplicates"] == 2 and delivery["discarded_ids"] == [0]
+    assert delivery["consumed"] == 6 == delivery["trained"] + delivery["dropped"] + delivery["discarded_duplicates"]
     assert acc["trained_on"] == 3 * cfg.train.rollout_batch_size
+
+
+@pytest.mark.slow
+def test_dead_learner_stops_with_one_line_and_resume_is_exact(micro_teacher, tmp_path, local_ray, local_reference):
+    from ar2dlm_ray.cluster.driver import RayTrainer
+    from ar2dlm_ray.config import RunError
+
+    ref, local_acc = local_reference
+    cfg = _ray_cfg(micro_teacher, tmp_path, **{"train.checkpoint_every": 2})
+    trainer = RayTrainer(cfg, lambda *a: None)
+    record = trainer._record
+
+    def record_then_kill(results, step_s):  # fault injection: the learner dies after step 3
+        out = record(results, step_s)
+        if out["step"] == 3:
+            ray.kill(trainer.learners[0], no_restart=True)
+        return out
+
+    trainer._record = record_then_kill
+    try:
+        with pytest.raises(RunError, match="learner-0 died at step 4") as err:
+            trainer.run()
+    finally:
+        trainer.close()
+    assert err.value.resumable and "\n" not in str(err.value)
+    resumed = RayTrainer(cfg, lambda *a: None)
+    try:
+        summary = resumed.run(resume=True)
+    finally:
+        resumed.close()
+    got = _metrics(tmp_path)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)) < 1e-5
+    for key, value in local_acc.items():
+        assert summary["accounting"][key] == value, key
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_exactly(micro_teacher, tmp_path, local_ray, local_reference):
+    """`ar2dlm train` (mode=ray, on this cluster) SIGKILLed after its step-2 checkpoint; `--resume` repeats
+    steps 3-4 exactly as the local trainer ran them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ref, local_acc = local_reference
+    gcs = ray.get_runtime_context().gcs_address
+    argv = [sys.executable, "-m", "ar2dlm_ray.cli", "train", "--config", "configs/micro.yaml",
+            *ray_overrides(micro_teacher, tmp_path, **{"mode": "ray", "ray.address": gcs, "learner.max_staleness": 0,
+                                                       "train.checkpoint_every": 2})]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_metrics(tmp_path)) in (3, 4), "the kill did not land mid-run"
+    deadline = time.time() + 60  # Ray releases a dead driver's actor names asynchronously
+    while time.time() < deadline and any(a["namespace"] == "ar2dlm" for a in
+                                         ray.util.list_named_actors(all_namespaces=True)):
+        time.sleep(0.5)
+    subprocess.run([*argv, "--resume"], env=env, check=True, capture_output=True, timeout=600)
+    got = _metrics(tmp_path)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)) < 1e-5
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key, value in local_acc.items():
+        assert summary["accounting"][key] == value, key

@@ -11,12 +11,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.queue import Empty
 
 from ..curriculum import generation_length
@@ -25,7 +24,9 @@ from ..rollout import (RECIPES, PromptOrder, conversion_corpus, corpus_rollouts,
                        student_rollouts, teacher_rollouts)
 from ..teacher import build_teacher
 from ..trainer import build_student, param_count
+from .delivery import LEDGER_NAME
 from .metrics import Metrics
+from .rendezvous import host_store, join_store
 from .weights import REGISTRY_NAME, build_transport
 
 
@@ -73,18 +74,36 @@ class TeacherServer:
 
 class RoundRobin:
     """A pool of interchangeable actors: calls go round-robin; a call whose actor died (or is restarting)
-    is retried on the next one while Ray restarts it, and counted in `retries`."""
+    is retried on the next one while Ray restarts it, and counted in `retries`. A call that takes longer than
+    `call_timeout_s` is abandoned: its actor is named in the log and killed (Ray restarts it), and the call
+    goes to the next one."""
 
-    def __init__(self, handles: list, start: int = 0, attempts: int = 8):
-        self.handles, self.next, self.attempts = handles, start, attempts
+    def __init__(self, handles: list, names: list[str], start: int = 0, attempts: int = 8,
+                 call_timeout_s: float | None = None):
+        self.handles, self.names, self.next, self.attempts = handles, names, start, attempts
+        self.call_timeout_s = call_timeout_s
         self.retries = 0
+
+    def _pick(self) -> int:
+        index = self.next % len(self.handles)
+        self.next += 1
+        return index
+
+    def _get(self, index: int, ref):
+        """The call's result; RayActorError when its actor died or stalled past the deadline."""
+        try:
+            return ray.get(ref, timeout=self.call_timeout_s)
+        except GetTimeoutError:
+            print(f"[ray] {self.names[index]} did not answer within call_timeout_s={self.call_timeout_s:g}s; "
+                  "restarting it and retrying the call on another", flush=True)
+            ray.kill(self.handles[index], no_restart=False)
+            raise RayActorError() from None
 
     def _call(self, method: str, *args, **kwargs):
         for attempt in range(self.attempts):
-            handle = self.handles[self.next % len(self.handles)]
-            self.next += 1
+            index = self._pick()
             try:
-                return ray.get(getattr(handle, method).remote(*args, **kwargs))
+                return self._get(index, getattr(self.handles[index], method).remote(*args, **kwargs))
             except RayActorError:
                 if attempt == self.attempts - 1:
                     raise
@@ -101,15 +120,15 @@ class TeacherClient(RoundRobin):
             return self._call("score", pairs)
         size = -(-len(pairs) // min(len(self.handles), len(pairs)))
         parts = [pairs[lo:lo + size] for lo in range(0, len(pairs), size)]
-        refs = []
+        calls = []
         for part in parts:
-            refs.append(self.handles[self.next % len(self.handles)].score.remote(part))
-            self.next += 1
+            index = self._pick()
+            calls.append((index, self.handles[index].score.remote(part)))
         out = []
-        for part, ref in zip(parts, refs):
+        for part, (index, ref) in zip(parts, calls):
             try:
-                out.extend(ray.get(ref))
-            except RayActorError:  # that replica died: this part goes through the retrying path
+                out.extend(self._get(index, ref))
+            except RayActorError:  # that replica died or stalled: this part goes through the retrying path
                 self.retries += 1
                 out.extend(self._call("score", part))
         return out
@@ -131,7 +150,8 @@ class RolloutWorker:
         self.corpus = None
         if self.recipe.source == "corpus":
             self.corpus = conversion_corpus(cfg, tok, teacher_path, len(self.prompts))
-        self.teacher = TeacherClient([ray.get_actor(n) for n in teacher_names], start=index)
+        self.teacher = TeacherClient([ray.get_actor(n) for n in teacher_names], teacher_names, start=index,
+                                     call_timeout_s=cfg.teacher.call_timeout_s)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.version = -1  # always adopt the learner's first publication, so both start from the same weights
         self.metrics = Metrics("rollout")
@@ -142,7 +162,7 @@ class RolloutWorker:
 
     def join_weights(self, addr: str, port: int, rank: int, world: int) -> None:
         """transport=collective: join the broadcast group (rank 0 is learner rank 0)."""
-        self.transport.join(addr, port, rank, world, self.student.model)
+        self.transport.join(join_store(addr, port, world), rank, world, self.student.model)
 
     def produce(self, batch_index: int, min_version: int, to_queue: bool = True) -> dict:
         cfg = self.cfg
@@ -165,7 +185,8 @@ class RolloutWorker:
         targets = self.teacher.score([(r.prompt_ids, r.tokens) for r in rollouts]) if self.recipe.distill else None
         t3 = time.perf_counter()
         tokens = sum(len(r.tokens) for r in rollouts)
-        stats = {"batch": batch_index, "version": self.version, "worker": self.index, "gen_len": gen_len,
+        stats = {"batch": batch_index, "version": self.version, "worker": self.index, "pid": os.getpid(),
+                 "gen_len": gen_len,
                  "prompts_consumed": len(indices), "rolled_out": len(rollouts),
                  "scored": len(rollouts) if targets is not None else 0, "sampler_forwards": forwards,
                  "generated_tokens": tokens, "retried": self.teacher.retries - retries_before,
@@ -184,12 +205,6 @@ class RolloutWorker:
 STARVED_S = 2.0  # a learner waiting longer for a batch hands control back to the driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 class LearnerWorker:
     def __init__(self, cfg, teacher_path: str, rank: int, world: int, total_steps: int, queue,
                  worker_names: list[str]):
@@ -199,16 +214,25 @@ class LearnerWorker:
         self.student = build_student(cfg, teacher_path)
         self.learner = Learner(self.student, cfg, total_steps)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
-        self.workers = RoundRobin([], start=rank)  # for regeneration; handles looked up on first use
-        self.worker_names = worker_names
+        self.ledger = ray.get_actor(LEDGER_NAME)
+        # For regeneration; the handles are looked up on first use.
+        self.workers = RoundRobin([], worker_names, start=rank, call_timeout_s=cfg.rollout.call_timeout_s)
         self.metrics = Metrics("learner")
+        self.stores: dict = {}  # port -> hosted store, until this rank joins its group
 
     def info(self) -> dict:
         return {**_where(), "params": param_count(self.student.model)}
 
     # ---- process group ----------------------------------------------------------------------------
-    def rendezvous(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), _free_port()
+    def rendezvous(self, world: int) -> tuple[str, int]:
+        """Host the store of a new group of `world` processes (this actor is its rank 0); its address."""
+        addr = ray.util.get_node_ip_address()
+        store = host_store(addr, world)
+        self.stores[store.port] = store
+        return addr, store.port
+
+    def _store(self, addr: str, port: int, rank: int, world: int):
+        return self.stores.pop(port) if rank == 0 else join_store(addr, port, world)
 
     def init_group(self, addr: str, port: int) -> None:
         import torch.distributed as dist
@@ -216,7 +240,8 @@ class LearnerWorker:
         backend = self.cfg.learner.backend
         if backend == "auto":
             backend = "nccl" if self.student.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world)
+        dist.init_process_group(backend, store=self._store(addr, port, self.rank, self.world), rank=self.rank,
+                                world_size=self.world)
         with torch.no_grad():  # every rank starts from rank 0's weights
             for p in self.student.model.parameters():
                 dist.broadcast(p.data, 0)
@@ -237,7 +262,7 @@ class LearnerWorker:
             p.grad = g
 
     def join_weights(self, addr: str, port: int, rank: int, world: int) -> None:
-        self.transport.join(addr, port, rank, world, self.student.model)
+        self.transport.join(self._store(addr, port, rank, world), rank, world, self.student.model)
 
     # ---- weights and checkpoints --------------------------------------------------------------------
     def publish(self, version: int) -> float:
@@ -272,9 +297,17 @@ class LearnerWorker:
             except Empty:
                 return None
             stats = item["stats"]
-            if step - stats["version"] <= cfg.max_staleness:
-                return item
             n = len(item["rollouts"])
+            fresh = step - stats["version"] <= cfg.max_staleness
+            if not ray.get(self.ledger.claim.remote(stats["batch"], "trained" if fresh or cfg.stale_policy ==
+                                                     "regenerate" else "dropped")):
+                # A second delivery of a batch already trained or dropped (its first producer died after
+                # delivering, and the driver had it redone): train it at most once.
+                counts["discarded_duplicates"] += n
+                self.metrics.inc("duplicates_discarded_total", n)
+                continue
+            if fresh:
+                return item
             if cfg.stale_policy == "drop":
                 counts["dropped_stale"] += n
                 counts["dropped_batches"] += 1
@@ -282,7 +315,7 @@ class LearnerWorker:
                 continue
             # Regenerate the same batch (same prompts and seed) with the newest published weights.
             if not self.workers.handles:
-                self.workers.handles = [ray.get_actor(name) for name in self.worker_names]
+                self.workers.handles = [ray.get_actor(name) for name in self.workers.names]
             retries = self.workers.retries
             item = self.workers._call("produce", stats["batch"], newest, to_queue=False)
             counts["regenerated"] += n
@@ -293,7 +326,7 @@ class LearnerWorker:
     def train(self, step: int, newest: int) -> dict:
         """One optimiser step; `newest` is the newest published version (for regeneration)."""
         start = time.perf_counter()
-        counts = {"dropped_stale": 0, "regenerated": 0, "dropped_batches": 0, "retried": 0}
+        counts = {"dropped_stale": 0, "regenerated": 0, "dropped_batches": 0, "retried": 0, "discarded_duplicates": 0}
         item = self._next_item(step, newest, counts)
         if item is None:
             return {**counts, "starved": True}

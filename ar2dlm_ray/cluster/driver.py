@@ -15,26 +15,28 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Callable
 
 import ray
 import torch
-from ray.exceptions import RayActorError
-from ray.util.queue import Queue
+from ray.exceptions import ActorDiedError, RayActorError
+from ray.util.queue import Empty, Queue
 
-from ..config import ConfigError, RunConfig, StartupError, dump_config
+from ..config import ConfigError, RunConfig, RunError, StartupError, dump_config
 from ..rollout import RECIPES
 from ..runs import check_run_dir, flops, prepare_run_dir, write_checkpoint
 from ..trainer import resolve_teacher_path
 from .actors import LearnerWorker, RolloutWorker, TeacherServer
+from .delivery import LEDGER_NAME, DeliveryLedger
 from .metrics import Metrics
 from .weights import REGISTRY_NAME, WeightRegistry
 
-ACCOUNTING_KEYS = ("prompts_consumed", "rolled_out", "scored", "trained_on", "dropped_stale", "regenerated",
+ACCOUNTING_KEYS = ("prompts_consumed", "rolled_out", "scored", "trained_on", "dropped_stale", "discarded_duplicates",
+                   "regenerated",
                    "retried", "tokens_trained", "sampler_forwards", "generated_tokens")
-MAX_BATCH_RETRIES = 8
 PRODUCED_KEYS = ("prompts_consumed", "rolled_out", "scored", "sampler_forwards", "generated_tokens", "retried")
 
 
@@ -47,6 +49,7 @@ def connect(cfg: RunConfig, log: Callable = print) -> bool:
     # No runtime_env here: inside `ray job submit` it would compete with the job's (working_dir); actors
     # set their own thread counts.
     if address:
+        wait_until_reachable(address, cfg.ray.connect_timeout_s)
         ray.init(address=address, namespace=cfg.ray.namespace)
         log(f"[ray] connected to {address}")
         return False
@@ -58,6 +61,27 @@ def connect(cfg: RunConfig, log: Callable = print) -> bool:
     ctx = ray.get_runtime_context()
     log(f"[ray] started an embedded Ray (dashboard: {getattr(ctx, 'dashboard_url', None) or 'off'})")
     return True
+
+
+def wait_until_reachable(address: str, timeout_s: float) -> None:
+    """Fail within `timeout_s` when nothing listens at a host:port Ray address (ray.init itself retries
+    the GCS for minutes, printing only warnings)."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address {address!r} is not host:port (or ray://host:port, auto)")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)).close()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"cannot reach a Ray cluster at {address!r} within ray.connect_timeout_s="
+                                  f"{timeout_s:g}s ({exc}); start one (`ray start --head`) or fix ray.address / "
+                                  "RAY_ADDRESS") from None
+            time.sleep(0.5)
 
 
 def pool_demand(cfg: RunConfig) -> dict[str, float]:
@@ -103,6 +127,7 @@ class RayTrainer:
         self.metrics = Metrics("driver")
         # Everything is named (dashboard, `ray.get_actor`); the pools die with the job.
         self.registry = ray.remote(WeightRegistry).options(name=REGISTRY_NAME, num_cpus=0).remote()
+        self.ledger = ray.remote(DeliveryLedger).options(name=LEDGER_NAME, num_cpus=0).remote()
         # Slack beyond queue_size for a batch delivered twice (its worker died after putting it).
         self.queue = Queue(maxsize=cfg.ray.queue_size + cfg.rollout.num_workers,
                            actor_options={"name": "rollout-queue", "num_cpus": 0})
@@ -121,11 +146,11 @@ class RayTrainer:
             cfg, self.teacher_path, r, world, self.total_steps, self.queue, worker_names) for r in range(world)]
         self.placement["learner"] = _started(self.learners, [f"learner-{r}" for r in range(world)])
         if world > 1:
-            addr, port = ray.get(self.learners[0].rendezvous.remote())
+            addr, port = ray.get(self.learners[0].rendezvous.remote(world))
             ray.get([lw.init_group.remote(addr, port) for lw in self.learners])
         if cfg.learner.transport == "collective":
-            addr, port = ray.get(self.learners[0].rendezvous.remote())
             size = len(self.workers) + 1
+            addr, port = ray.get(self.learners[0].rendezvous.remote(size))
             ray.get([self.learners[0].join_weights.remote(addr, port, 0, size)]
                     + [w.join_weights.remote(addr, port, i + 1, size) for i, w in enumerate(self.workers)])
         self.n_student = first["params"]
@@ -161,27 +186,57 @@ class RayTrainer:
             self.supplied += 1
 
     def _submit(self, batch: int, min_version: int, attempt: int = 0) -> None:
-        worker = self.workers[(batch + attempt) % len(self.workers)]  # a retry tries the next worker
-        self.producing[worker.produce.remote(batch, min_version)] = batch
+        index = (batch + attempt) % len(self.workers)  # a retry tries the next worker
+        self.producing[self.workers[index].produce.remote(batch, min_version)] = (batch, index, time.monotonic())
+
+    def _abandon_stalled(self) -> None:
+        """A produce call past `rollout.call_timeout_s` (a hung worker): restart the worker; its call then
+        fails and the batch is redone on the next one."""
+        limit = self.cfg.rollout.call_timeout_s
+        for batch, index, started in list(self.producing.values()):
+            if time.monotonic() - started > limit and index not in self.stalled:
+                self.stalled.add(index)
+                self.log(f"[ray] rollout-{index} has not delivered batch {batch} within rollout.call_timeout_s="
+                         f"{limit:g}s; restarting it")
+                ray.kill(self.workers[index], no_restart=False)
 
     def _on_produced(self, ref) -> None:
-        batch = self.producing.pop(ref)
+        batch, index, _ = self.producing.pop(ref)
+        self.stalled.discard(index)
         try:
             stats = ray.get(ref)
         except RayActorError as exc:
-            # The worker died with the batch in flight: Ray restarts it and the batch is redone.
+            # The worker died (or is restarting) with the batch in flight: Ray restarts it and the batch is
+            # redone; if the lost call had already delivered it, the learners discard the second copy.
+            if isinstance(exc, ActorDiedError):  # restarting workers answer ActorUnavailableError
+                budget = self.cfg.rollout.max_restarts
+                raise RunError(f"rollout-{index} died and is out of restarts (rollout.max_restarts={budget}); see why "
+                               f"in its log (`ray logs actor --id {self.workers[index]._actor_id.hex()}`) or raise "
+                               "the budget (-1: unlimited)", resumable=True) from None
             attempt = self.retries[batch] = self.retries.get(batch, 0) + 1
-            if attempt > MAX_BATCH_RETRIES:
-                raise RuntimeError(f"rollout batch {batch} failed {MAX_BATCH_RETRIES} times") from exc
             self.accounting["retried"] += 1
             self.metrics.inc("retries_total")
-            self.log(f"[ray] rollout batch {batch} lost ({type(exc).__name__}); retrying")
-            time.sleep(min(5.0, 0.25 * 2 ** attempt))  # a restarting actor refuses work for a while
+            self.log(f"[ray] rollout batch {batch} lost with rollout-{index} ({type(exc).__name__}); retrying")
+            time.sleep(min(5.0, 0.25 * 2 ** min(attempt, 4)))  # a restarting actor refuses work for a while
             self._submit(batch, self._published(), attempt)
             return
+        self.pids[index].add(stats["pid"])
         for key in PRODUCED_KEYS:
             self.accounting[key] += stats[key]
         self.produced_s.append((stats["rollout_s"], stats["teacher_s"]))
+
+    def _drain_queue(self) -> list[int]:
+        """Batch ids produced ahead and never consumed, for the accounting (each id once)."""
+        left = set()
+        while True:
+            try:
+                left.add(self.queue.get_nowait()["stats"]["batch"])
+            except Empty:
+                return sorted(left)
+
+    def _named_deaths(self) -> dict[str, int]:
+        """Restarts seen per rollout worker: the processes that delivered for it, less the first."""
+        return {f"rollout-{i}": len(pids) - 1 for i, pids in sorted(self.pids.items())}
 
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self, resume: bool = False, overwrite: bool = False, allow_change: tuple[str, ...] = ()) -> dict:
@@ -194,6 +249,9 @@ class RayTrainer:
         self.supplied = self.demand = 0
         self.producing: dict = {}
         self.retries: dict[int, int] = {}
+        # Ray restarts a dead worker up to rollout.max_restarts times; each new process has a new pid.
+        self.pids = {i: {info["pid"]} for i, info in enumerate(self.placement["rollout"])}
+        self.stalled: set[int] = set()
         self.produced_s: list = []
         ray.get(self.learners[0].publish.remote(self.step))
         self.log(f"[train] mode=ray recipe={cfg.train.recipe} steps={self.total_steps} "
@@ -228,6 +286,8 @@ class RayTrainer:
         ray.get(self.learners[0].save.remote(str(final)))
         summary = {"final_student": str(final), "steps": self.step, "accounting": dict(self.accounting),
                    "placement": self.placement, "teacher_load": self._teacher_load(),
+                   "delivery": {**ray.get(self.ledger.summary.remote()), "left_in_queue_ids": self._drain_queue()},
+                   "worker_deaths": self._named_deaths(),
                    **flops(self.accounting, self.n_teacher, self.n_student, self.block_size)}
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log(f"[train] done: {self.step} steps, {self.accounting['tokens_trained']} training tokens, "
@@ -252,16 +312,24 @@ class RayTrainer:
         deadline = time.monotonic() + self.cfg.ray.timeout_s
         while calls:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"learner step {self.step} did not finish within ray.timeout_s "
-                                   f"({self.cfg.ray.timeout_s}s)")
+                waiting = ", ".join(f"learner-{rank}" for rank in sorted(calls.values()))
+                raise RunError(f"learner step {self.step + 1} did not finish within ray.timeout_s="
+                               f"{self.cfg.ray.timeout_s:g}s ({waiting} still busy, {len(self.producing)} rollout "
+                               "batches in flight)", resumable=True)
+            self._abandon_stalled()
             ready, _ = ray.wait(list(calls) + list(self.producing), num_returns=1, timeout=5.0)
             for ref in ready:
                 if ref in self.producing:
                     self._on_produced(ref)
                     continue
                 rank = calls.pop(ref)
-                res = ray.get(ref)
-                for key in ("dropped_stale", "regenerated", "retried"):
+                try:
+                    res = ray.get(ref)
+                except RayActorError as exc:
+                    raise RunError(f"learner-{rank} died at step {self.step + 1} ({type(exc).__name__}); the learner "
+                                   "group cannot continue without it. The checkpoints in "
+                                   f"{self.ckpt_root} are intact", resumable=True) from None
+                for key in ("dropped_stale", "discarded_duplicates", "regenerated", "retried"):
                     self.accounting[key] += res[key]
                 self.demand += res["dropped_batches"]
                 if res["regenerated"]:
@@ -297,7 +365,8 @@ class RayTrainer:
             "queue_depth": self.supplied - self.demand, "rollout_s": max(p["rollout_s"] for p in produced),
             "teacher_s": max(p["teacher_s"] for p in produced), "train_s": max(r["train_s"] for r in results),
             "wait_s": max(r["wait_s"] for r in results), "publish_s": results[0]["publish_s"], "step_s": step_s,
-            "dropped_stale": acc["dropped_stale"], "regenerated": acc["regenerated"], "retried": acc["retried"],
+            "dropped_stale": acc["dropped_stale"], "discarded_duplicates": acc["discarded_duplicates"],
+            "regenerated": acc["regenerated"], "retried": acc["retried"],
             **flops(acc, self.n_teacher, self.n_student, self.block_size),
         }
 
@@ -321,10 +390,10 @@ class RayTrainer:
 
     def close(self) -> None:
         """Stop the pools (they would die with a job's driver anyway, but not in a shared Ray)."""
-        names = [REGISTRY_NAME, "rollout-queue"] + [f"{kind}-{i}" for kind, pool in
+        names = [REGISTRY_NAME, LEDGER_NAME, "rollout-queue"] + [f"{kind}-{i}" for kind, pool in
                                                     (("teacher", self.teachers), ("rollout", self.workers),
                                                      ("learner", self.learners)) for i in range(len(pool))]
-        for actor in [*self.learners, *self.workers, *self.teachers, self.registry, self.queue.actor]:
+        for actor in [*self.learners, *self.workers, *self.teachers, self.registry, self.ledger, self.queue.actor]:
             ray.kill(actor, no_restart=True)
         deadline = time.monotonic() + 30
         while names and time.monotonic() < deadline:  # names are released asynchronously

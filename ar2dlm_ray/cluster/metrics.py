@@ -25,6 +25,7 @@ _COUNTERS = {
     "rollouts_total": "rollouts produced",
     "staleness_drops_total": "rollouts dropped because they were too stale",
     "regenerated_total": "rollouts regenerated because they were too stale",
+    "duplicates_discarded_total": "rollouts of a batch delivered again after it was trained or dropped",
     "retries_total": "requests retried after an actor died",
 }
 

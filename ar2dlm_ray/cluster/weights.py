@@ -102,8 +102,7 @@ class CollectiveTransport:
         self.staged: tuple[int, list[torch.Tensor]] | None = None  # receiver: newest complete version
         self.error: BaseException | None = None
 
-    def join(self, addr: str, port: int, rank: int, world: int, model) -> None:
-        store = torch.distributed.TCPStore(addr, port, world, is_master=rank == 0, timeout=timedelta(seconds=300))
+    def join(self, store, rank: int, world: int, model) -> None:
         self.group = torch.distributed.ProcessGroupGloo(store, rank, world, timedelta(seconds=1800))
         state = model.state_dict()
         self.layout = _buckets(state, self.bucket_bytes)
