@@ -262,6 +262,10 @@ class LoggingConfig(_Strict):
     metrics_file: str = "metrics.jsonl"
     progress: bool = True
     log_every: int = Field(1, gt=0)
+    run_name: str | None = Field(None, description="the `run` label of the Ray metrics and the W&B run name; "
+                                                   "default <out_dir's name>-<start time>")
+    tensorboard: bool = Field(True, description="event files in <out_dir>/tensorboard/")
+    wandb_project: str | None = Field(None, description="also log to this Weights & Biases project (needs wandb)")
 
 
 class RolloutPoolConfig(PoolResources):

@@ -19,12 +19,14 @@ import torch
 from .config import RunConfig, dump_config
 from .curriculum import generation_length
 from .learner import Learner
+from .progress import Progress
 from .rollout import (RECIPES, PromptOrder, conversion_corpus, corpus_rollouts, encode_prompts, rollout_seed,
                       student_rollouts, teacher_rollouts)
 from .runs import check_run_dir, flops, prepare_run_dir, write_checkpoint
 from .states import Rollout
 from .student import Student, convert, is_student_dir, load_causal_lm, load_student
 from .teacher import build_teacher
+from .tracking import Tracker
 
 
 def resolve_teacher_path(cfg: RunConfig, log: Callable = print) -> str:
@@ -104,6 +106,8 @@ class LocalTrainer:
                  f"student={self.n_student / 1e6:.2f}M params, block={self.student.spec.block_size} "
                  f"shift={self.student.spec.shift} start_step={self.step}")
         batch_index = self.next_batch
+        progress = Progress(self.step, self.total_steps, self.accounting["tokens_trained"])
+        tracker = Tracker(cfg, self.log)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             indices = self.order.indices(batch_index)
@@ -134,14 +138,16 @@ class LocalTrainer:
                 "tokens_trained": acc["tokens_trained"],
                 "tokens_per_forward": (tokens / pstats["sampler_forwards"]) if pstats["sampler_forwards"] else None,
                 "rollout_s": t1 - t0, "teacher_s": t2 - t1, "train_s": now - t3, "step_s": now - t0,
-                **self.flops(),
+                "tokens_per_s": tokens / (now - t0), **self.flops(),
             }
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            tracker.log(self.step, record)
             if cfg.logging.progress and self.step % cfg.logging.log_every == 0:
-                self.log(f"[train] step {self.step}/{self.total_steps} loss {stats['loss']:.4f} "
-                         f"len {record['mean_gen_len']:.1f}/{gen_len} tokens {acc['tokens_trained']} "
-                         f"tok/fwd {record['tokens_per_forward'] or float('nan'):.2f} {record['step_s']:.1f}s")
+                self.log(progress.line(self.step, stats["loss"], acc["tokens_trained"], 0,
+                                       f"len {record['mean_gen_len']:.1f}/{gen_len} tokens {acc['tokens_trained']} "
+                                       f"tok/fwd {record['tokens_per_forward'] or float('nan'):.2f} "
+                                       f"{record['step_s']:.1f}s"))
             batch_index += 1
             self.next_batch = batch_index
             since_ckpt += 1
@@ -150,6 +156,7 @@ class LocalTrainer:
                 since_ckpt = 0
             if after_batch is not None and after_batch(self):
                 break
+        tracker.close()
         final = self.student.save(self.out_dir / "final")
         summary = {"final_student": str(final), "steps": self.step, "accounting": dict(self.accounting),
                    **self.flops()}

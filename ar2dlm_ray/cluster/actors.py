@@ -16,7 +16,6 @@ import time
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.queue import Empty
 
 from ..curriculum import generation_length
 from ..learner import Learner
@@ -46,7 +45,7 @@ class TeacherServer:
     def __init__(self, cfg, teacher_path: str):
         _setup_process(cfg.ray.actor_threads)
         self.backend = build_teacher(cfg, teacher_path)
-        self.metrics = Metrics("teacher")
+        self.metrics = Metrics("teacher", cfg.logging.run_name)
         self.served = {"score_calls": 0, "sequences": 0, "tokens": 0}
 
     def info(self) -> dict:
@@ -154,7 +153,7 @@ class RolloutWorker:
                                      call_timeout_s=cfg.teacher.call_timeout_s)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.version = -1  # always adopt the learner's first publication, so both start from the same weights
-        self.metrics = Metrics("rollout")
+        self.metrics = Metrics("rollout", cfg.logging.run_name)
 
     def info(self) -> dict:
         return {**_where(), "num_prompts": len(self.prompts), "params": param_count(self.student.model),
@@ -217,7 +216,7 @@ class LearnerWorker:
         self.ledger = ray.get_actor(LEDGER_NAME)
         # For regeneration; the handles are looked up on first use.
         self.workers = RoundRobin([], worker_names, start=rank, call_timeout_s=cfg.rollout.call_timeout_s)
-        self.metrics = Metrics("learner")
+        self.metrics = Metrics("learner", cfg.logging.run_name)
         self.stores: dict = {}  # port -> hosted store, until this rank joins its group
 
     def info(self) -> dict:
@@ -292,9 +291,8 @@ class LearnerWorker:
         cfg = self.cfg.learner
         while True:
             self.metrics.set("queue_depth", self.queue.qsize())
-            try:
-                item = self.queue.get(timeout=STARVED_S)
-            except Empty:
+            item = self.queue.get(timeout=STARVED_S)
+            if item is None:
                 return None
             stats = item["stats"]
             n = len(item["rollouts"])

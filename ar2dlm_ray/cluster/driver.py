@@ -23,13 +23,15 @@ from typing import Callable
 import ray
 import torch
 from ray.exceptions import ActorDiedError, RayActorError
-from ray.util.queue import Empty, Queue
 
 from ..config import ConfigError, RunConfig, RunError, StartupError, dump_config
+from ..progress import Progress
 from ..rollout import RECIPES
 from ..runs import check_run_dir, flops, prepare_run_dir, write_checkpoint
+from ..tracking import Tracker, run_name
 from ..trainer import resolve_teacher_path
 from .actors import LearnerWorker, RolloutWorker, TeacherServer
+from .batch_queue import BatchQueue
 from .delivery import LEDGER_NAME, DeliveryLedger
 from .metrics import Metrics
 from .weights import REGISTRY_NAME, WeightRegistry
@@ -124,13 +126,12 @@ class RayTrainer:
         embedded = connect(cfg, log)
         check_capacity(cfg, embedded, log)
         self.teacher_path = resolve_teacher_path(cfg, log)
-        self.metrics = Metrics("driver")
+        self.metrics = Metrics("driver", run_name(cfg), actor="driver")
         # Everything is named (dashboard, `ray.get_actor`); the pools die with the job.
         self.registry = ray.remote(WeightRegistry).options(name=REGISTRY_NAME, num_cpus=0).remote()
         self.ledger = ray.remote(DeliveryLedger).options(name=LEDGER_NAME, num_cpus=0).remote()
         # Slack beyond queue_size for a batch delivered twice (its worker died after putting it).
-        self.queue = Queue(maxsize=cfg.ray.queue_size + cfg.rollout.num_workers,
-                           actor_options={"name": "rollout-queue", "num_cpus": 0})
+        self.queue = BatchQueue(cfg.ray.queue_size + cfg.rollout.num_workers, "rollout-queue")
         teacher_names = [f"teacher-{i}" for i in range(cfg.teacher.num_replicas)]
         self.teachers = [ray.remote(TeacherServer).options(**_options(cfg.teacher.pool, n)).remote(
             cfg, self.teacher_path) for n in teacher_names]
@@ -228,11 +229,9 @@ class RayTrainer:
     def _drain_queue(self) -> list[int]:
         """Batch ids produced ahead and never consumed, for the accounting (each id once)."""
         left = set()
-        while True:
-            try:
-                left.add(self.queue.get_nowait()["stats"]["batch"])
-            except Empty:
-                return sorted(left)
+        while (item := self.queue.get_nowait()) is not None:
+            left.add(item["stats"]["batch"])
+        return sorted(left)
 
     def _named_deaths(self) -> dict[str, int]:
         """Restarts seen per rollout worker: the processes that delivered for it, less the first."""
@@ -258,6 +257,9 @@ class RayTrainer:
                  f"pools: rollout={len(self.workers)} teacher={len(self.teachers)} learner={len(self.learners)} "
                  f"student={self.n_student / 1e6:.2f}M params start_step={self.step}")
         max_batch = self.start_batch - 1
+        progress = Progress(self.step, self.total_steps, self.accounting["tokens_trained"])
+        tracker = Tracker(cfg, self.log, pools={"rollout": len(self.workers), "teacher": len(self.teachers),
+                                                "learner": len(self.learners)})
         since_ckpt = 0
         while self.step < self.total_steps:
             t0 = time.perf_counter()
@@ -269,14 +271,17 @@ class RayTrainer:
             self.step += 1
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            tracker.log(self.step, record)
             if cfg.logging.progress and self.step % cfg.logging.log_every == 0:
-                self.log(f"[train] step {self.step}/{self.total_steps} loss {record['loss']:.4f} "
-                         f"version lag {record['version_lag']} queue {record['queue_depth']} "
-                         f"tokens {self.accounting['tokens_trained']} {record['step_s']:.1f}s")
+                self.log(progress.line(self.step, record["loss"], self.accounting["tokens_trained"],
+                                       record["dropped_stale"] + record["discarded_duplicates"],
+                                       f"version lag {record['version_lag']} queue {record['queue_depth']} "
+                                       f"tokens {self.accounting['tokens_trained']} {record['step_s']:.1f}s"))
             since_ckpt += 1
             if since_ckpt >= cfg.train.checkpoint_every or self.step >= self.total_steps:
                 self.checkpoint(max_batch + 1)
                 since_ckpt = 0
+        tracker.close()
         for ref in list(self.producing):  # batches produced beyond the last step still count as rolled out
             try:
                 self._on_produced(ref) if ray.wait([ref], timeout=min(60.0, cfg.ray.timeout_s))[0] else None
@@ -365,6 +370,7 @@ class RayTrainer:
             "queue_depth": self.supplied - self.demand, "rollout_s": max(p["rollout_s"] for p in produced),
             "teacher_s": max(p["teacher_s"] for p in produced), "train_s": max(r["train_s"] for r in results),
             "wait_s": max(r["wait_s"] for r in results), "publish_s": results[0]["publish_s"], "step_s": step_s,
+            "tokens_per_s": tokens / step_s,
             "dropped_stale": acc["dropped_stale"], "discarded_duplicates": acc["discarded_duplicates"],
             "regenerated": acc["regenerated"], "retried": acc["retried"],
             **flops(acc, self.n_teacher, self.n_student, self.block_size),

@@ -2,11 +2,13 @@
 
 Each process records what it observes: rollout workers their throughput, teacher servers theirs, the
 learner its step, queue depth and staleness; the driver the retries it performs. Names are prefixed
-`ar2dlm_`; Ray adds `ray_` when exporting.
+`ar2dlm_`; Ray adds `ray_` when exporting. Every sample is tagged with its `pool` (rollout, teacher,
+learner, driver), its `actor` (the actor's name, e.g. `rollout-1`) and the `run` (`logging.run_name`).
 """
 
 from __future__ import annotations
 
+import ray
 from ray.util import metrics
 
 _GAUGES = {
@@ -30,19 +32,23 @@ _COUNTERS = {
 }
 
 
-class Metrics:
-    """Lazily created metric objects; `set(name, value)` for gauges, `inc(name, n)` for counters."""
+TAG_KEYS = ("pool", "actor", "run")
 
-    def __init__(self, role: str):
-        self.tags = {"role": role}
+
+class Metrics:
+    """Lazily created metric objects; `set(name, value)` for gauges, `inc(name, n)` for counters. In an
+    actor, `actor` defaults to the actor's own name (a restarted actor keeps it); `run` comes from the
+    config, whose `logging.run_name` the driver fixes before it builds the pools."""
+
+    def __init__(self, pool: str, run: str, actor: str | None = None):
+        actor = actor or ray.get_runtime_context().get_actor_name() or pool
+        self.tags = {"pool": pool, "actor": actor, "run": run}
         self._made: dict = {}
 
     def _get(self, name: str):
         if name not in self._made:
-            if name in _GAUGES:
-                self._made[name] = metrics.Gauge(f"ar2dlm_{name}", _GAUGES[name], tag_keys=("role",))
-            else:
-                self._made[name] = metrics.Counter(f"ar2dlm_{name}", _COUNTERS[name], tag_keys=("role",))
+            kind, doc = (metrics.Gauge, _GAUGES[name]) if name in _GAUGES else (metrics.Counter, _COUNTERS[name])
+            self._made[name] = kind(f"ar2dlm_{name}", doc, tag_keys=TAG_KEYS)
         return self._made[name]
 
     def set(self, name: str, value) -> None:
