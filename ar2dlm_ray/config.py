@@ -306,6 +306,8 @@ class RayConfig(_Strict):
     actor_threads: int = Field(1, gt=0, description="torch threads per actor")
     timeout_s: float = Field(900.0, gt=0, description="longest wait for a rollout batch or a learner step")
     connect_timeout_s: float = Field(30.0, gt=0, description="ray.address: how long to try reaching the cluster")
+    startup_timeout_s: float = Field(600.0, gt=0, description="how long to wait for the cluster to offer every "
+                                                              "pool's resources (an autoscaler adding nodes)")
 
 
 class RunConfig(_Strict):

@@ -12,13 +12,15 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors import safe_open
 
-from .config import ConfigError, RunConfig, dump_config
+from .config import ConfigError, RunConfig, RunError, dump_config
 from .student import SPEC_FILE
 
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")
@@ -32,6 +34,7 @@ SAFE_CHANGES = ("train.max_steps", "train.out_dir", "train.checkpoint_every", "t
                 "learner.max_restarts")
 STATE_KEYS = {"step", "next_batch", "optimizer", "scheduler", "rng", "accounting", "config"}
 ABSENT = "(absent)"
+JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for the entrypoint of a submitted job
 
 
 def flops(acc: dict, n_teacher: int, n_student: int, block_size: int) -> dict:
@@ -48,13 +51,49 @@ def previous_run(out_dir: Path, metrics_file: str) -> list[str]:
 
 
 def check_run_dir(out_dir: Path, metrics_file: str, resume: bool, overwrite: bool) -> None:
-    """Refuse, before any work, a fresh run over a previous one, and contradictory flags."""
+    """Refuse, before any work, a fresh run over a previous one, contradictory flags, and (in a job submitted
+    with `ray job submit`) a relative out_dir."""
+    if not out_dir.is_absolute() and os.environ.get(JOB_ENV_VAR):
+        raise ConfigError(f"train.out_dir {str(out_dir)!r} is relative: in a job submitted with `ray job submit` it "
+                          "would land in Ray's temporary copy of the working directory and be deleted with it; give "
+                          "an absolute path on storage every node mounts, e.g. train.out_dir=/mnt/shared/runs/micro")
     if resume and overwrite:
         raise ConfigError("--resume continues the run in train.out_dir and --overwrite replaces it; give one of them")
     found = previous_run(out_dir, metrics_file)
     if found and not (resume or overwrite):
         raise ConfigError(f"{out_dir} holds a previous run ({', '.join(found)}); pass --resume to continue it or "
                           "--overwrite to replace it, or choose another train.out_dir")
+
+
+def checkpoint_due(step: int, total: int, every: int) -> bool:
+    """Checkpoints fall on multiples of checkpoint_every and on the last step, so a resumed run (or one stopped
+    early with its own checkpoint) keeps the schedule of an uninterrupted one."""
+    return step % every == 0 or step >= total
+
+
+class StopRequest:
+    """SIGTERM (what `ray job stop` and most schedulers send) asks the training loop to checkpoint after the step
+    in progress and stop. The handler then steps aside, so a second SIGTERM ends the process at once. Only the
+    main thread can take signals; elsewhere (a run inside a Ray task) it never fires."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.restore()
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def stopped(self, step: int, ckpt: Path) -> RunError:
+        self.restore()
+        return RunError(f"stopped by SIGTERM after step {step}; checkpoint {ckpt} written", resumable=True)
 
 
 def clear_run(out_dir: Path, metrics_file: str) -> None:

@@ -22,7 +22,7 @@ from .learner import Learner
 from .progress import Progress
 from .rollout import (RECIPES, PromptOrder, conversion_corpus, corpus_rollouts, encode_prompts, rollout_seed,
                       student_rollouts, teacher_rollouts)
-from .runs import check_run_dir, flops, prepare_run_dir, write_checkpoint
+from .runs import StopRequest, check_run_dir, checkpoint_due, flops, prepare_run_dir, write_checkpoint
 from .states import Rollout
 from .student import Student, convert, is_student_dir, load_causal_lm, load_student
 from .teacher import build_teacher
@@ -101,7 +101,7 @@ class LocalTrainer:
         metrics_path, resumed = prepare_run_dir(cfg, resume, overwrite, allow_change, self.log)
         if resumed:
             self._resume(*resumed)
-        since_ckpt = 0
+        stop = StopRequest()
         self.log(f"[train] recipe={cfg.train.recipe} steps={self.total_steps} prompts={len(self.prompts)} "
                  f"student={self.n_student / 1e6:.2f}M params, block={self.student.spec.block_size} "
                  f"shift={self.student.spec.shift} start_step={self.step}")
@@ -150,13 +150,14 @@ class LocalTrainer:
                                        f"{record['step_s']:.1f}s"))
             batch_index += 1
             self.next_batch = batch_index
-            since_ckpt += 1
-            if since_ckpt >= cfg.train.checkpoint_every or self.step >= self.total_steps:
-                self.checkpoint()
-                since_ckpt = 0
+            if checkpoint_due(self.step, self.total_steps, cfg.train.checkpoint_every) or stop.requested:
+                ckpt = self.checkpoint()
+                if stop.requested:
+                    raise stop.stopped(self.step, ckpt)
             if after_batch is not None and after_batch(self):
                 break
         tracker.close()
+        stop.restore()
         final = self.student.save(self.out_dir / "final")
         summary = {"final_student": str(final), "steps": self.step, "accounting": dict(self.accounting),
                    **self.flops()}

@@ -72,7 +72,7 @@ def test_submit_script_and_images_use_the_entrypoint():
 
 
 def test_pool_demand_sums_every_pool():
-    from ar2dlm_ray.cluster.driver import pool_demand
+    from ar2dlm_ray.cluster.placement import pool_demand
 
     cfg = load_config(ROOT / "configs" / "qwen3_4b.yaml")
     demand = pool_demand(cfg)
@@ -130,5 +130,5 @@ def test_shipped_cluster_files_keep_token_authentication_on():
         env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
-    for path in (ROOT / "deploy").iterdir():
+    for path in (p for p in (ROOT / "deploy").rglob("*") if p.is_file()):
         assert "RAY_AUTH_MODE=disabled" not in path.read_text() and "value: disabled" not in path.read_text(), path

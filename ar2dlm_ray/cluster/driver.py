@@ -27,13 +27,14 @@ from ray.exceptions import ActorDiedError, RayActorError
 from ..config import ConfigError, RunConfig, RunError, StartupError, dump_config
 from ..progress import Progress
 from ..rollout import RECIPES
-from ..runs import check_run_dir, flops, prepare_run_dir, write_checkpoint
+from ..runs import StopRequest, check_run_dir, checkpoint_due, flops, prepare_run_dir, write_checkpoint
 from ..tracking import Tracker, run_name
 from ..trainer import resolve_teacher_path
 from .actors import LearnerWorker, RolloutWorker, TeacherServer
 from .batch_queue import BatchQueue
 from .delivery import LEDGER_NAME, DeliveryLedger
 from .metrics import Metrics
+from .placement import reserve
 from .weights import REGISTRY_NAME, WeightRegistry
 
 ACCOUNTING_KEYS = ("prompts_consumed", "rolled_out", "scored", "trained_on", "dropped_stale", "discarded_duplicates",
@@ -86,45 +87,19 @@ def wait_until_reachable(address: str, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
-def pool_demand(cfg: RunConfig) -> dict[str, float]:
-    """Total Ray resources the three pools ask for."""
-    demand: dict[str, float] = {}
-    for count, pool in ((cfg.teacher.num_replicas, cfg.teacher.pool), (cfg.rollout.num_workers, cfg.rollout),
-                        (cfg.learner.num_workers, cfg.learner)):
-        for key, value in (("CPU", pool.num_cpus), ("GPU", pool.num_gpus), *(pool.resources or {}).items()):
-            if value:
-                demand[key] = demand.get(key, 0.0) + count * value
-    return demand
-
-
-def check_capacity(cfg: RunConfig, embedded: bool, log: Callable = print) -> None:
-    """Fail fast when the pools cannot all be placed: Ray would otherwise leave an actor pending forever."""
-    have = ray.cluster_resources()
-    short = {k: (v, have.get(k, 0.0)) for k, v in pool_demand(cfg).items() if v > have.get(k, 0.0) + 1e-9}
-    if not short:
-        return
-    detail = ", ".join(f"{k}: pools need {need:g}, cluster has {got:g}" for k, (need, got) in short.items())
-    if embedded:
-        raise ConfigError(f"the pools do not fit on this Ray ({detail}); lower rollout.num_workers / "
-                          "*.num_cpus (per-pool `num_cpus` may be fractional, e.g. 0.5) or raise ray.num_cpus")
-    log(f"[ray] warning: the pools do not fit the cluster as it is now ({detail}); waiting for the autoscaler")
-
-
-def _options(pool, name: str, **extra) -> dict:
-    opts = {"name": name, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_restarts": pool.max_restarts,
-            **extra}
-    if pool.resources:
-        opts["resources"] = dict(pool.resources)
-    if pool.labels:
-        opts["label_selector"] = dict(pool.labels)
-    return opts
-
-
 class RayTrainer:
     def __init__(self, cfg: RunConfig, log: Callable = print):
         self.cfg, self.log = cfg, log
         embedded = connect(cfg, log)
-        check_capacity(cfg, embedded, log)
+        self.reservation = reserve(cfg, embedded, log)  # before any actor starts; released by close()
+        try:
+            self._start_pools(cfg)
+        except BaseException:
+            self.reservation.release()  # also ends the pool actors that did start
+            raise
+
+    def _start_pools(self, cfg: RunConfig) -> None:
+        log = self.log
         self.teacher_path = resolve_teacher_path(cfg, log)
         self.metrics = Metrics("driver", run_name(cfg), actor="driver")
         # Everything is named (dashboard, `ray.get_actor`); the pools die with the job.
@@ -133,17 +108,18 @@ class RayTrainer:
         # Slack beyond queue_size for a batch delivered twice (its worker died after putting it).
         self.queue = BatchQueue(cfg.ray.queue_size + cfg.rollout.num_workers, "rollout-queue")
         teacher_names = [f"teacher-{i}" for i in range(cfg.teacher.num_replicas)]
-        self.teachers = [ray.remote(TeacherServer).options(**_options(cfg.teacher.pool, n)).remote(
-            cfg, self.teacher_path) for n in teacher_names]
+        placed = self.reservation.options
+        self.teachers = [ray.remote(TeacherServer).options(**placed("teacher", cfg.teacher.pool, i, n)).remote(
+            cfg, self.teacher_path) for i, n in enumerate(teacher_names)]
         worker_names = [f"rollout-{i}" for i in range(cfg.rollout.num_workers)]
-        self.workers = [ray.remote(RolloutWorker).options(**_options(cfg.rollout, n)).remote(
+        self.workers = [ray.remote(RolloutWorker).options(**placed("rollout", cfg.rollout, i, n)).remote(
             cfg, self.teacher_path, i, teacher_names, self.queue) for i, n in enumerate(worker_names)]
         self.placement = {"teacher": _started(self.teachers, teacher_names),
                           "rollout": _started(self.workers, worker_names)}
         first = self.placement["rollout"][0]
         self.total_steps = cfg.train.max_steps or -(-first["num_prompts"] // cfg.train.rollout_batch_size)
         world = cfg.learner.num_workers
-        self.learners = [ray.remote(LearnerWorker).options(**_options(cfg.learner, f"learner-{r}")).remote(
+        self.learners = [ray.remote(LearnerWorker).options(**placed("learner", cfg.learner, r, f"learner-{r}")).remote(
             cfg, self.teacher_path, r, world, self.total_steps, self.queue, worker_names) for r in range(world)]
         self.placement["learner"] = _started(self.learners, [f"learner-{r}" for r in range(world)])
         if world > 1:
@@ -260,7 +236,7 @@ class RayTrainer:
         progress = Progress(self.step, self.total_steps, self.accounting["tokens_trained"])
         tracker = Tracker(cfg, self.log, pools={"rollout": len(self.workers), "teacher": len(self.teachers),
                                                 "learner": len(self.learners)})
-        since_ckpt = 0
+        stop = StopRequest()
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             self.demand += len(self.learners)  # every rank takes a new batch each step
@@ -277,10 +253,11 @@ class RayTrainer:
                                        record["dropped_stale"] + record["discarded_duplicates"],
                                        f"version lag {record['version_lag']} queue {record['queue_depth']} "
                                        f"tokens {self.accounting['tokens_trained']} {record['step_s']:.1f}s"))
-            since_ckpt += 1
-            if since_ckpt >= cfg.train.checkpoint_every or self.step >= self.total_steps:
-                self.checkpoint(max_batch + 1)
-                since_ckpt = 0
+            if checkpoint_due(self.step, self.total_steps, cfg.train.checkpoint_every) or stop.requested:
+                ckpt = self.checkpoint(max_batch + 1)
+                if stop.requested:
+                    raise stop.stopped(self.step, ckpt)
+        stop.restore()
         tracker.close()
         for ref in list(self.producing):  # batches produced beyond the last step still count as rolled out
             try:
@@ -401,6 +378,7 @@ class RayTrainer:
                                                      ("learner", self.learners)) for i in range(len(pool))]
         for actor in [*self.learners, *self.workers, *self.teachers, self.registry, self.ledger, self.queue.actor]:
             ray.kill(actor, no_restart=True)
+        self.reservation.release()
         deadline = time.monotonic() + 30
         while names and time.monotonic() < deadline:  # names are released asynchronously
             names = [n for n in names if _exists(n)]

@@ -1,0 +1,100 @@
+"""Gang placement of the three pools: every actor's resources are reserved (one placement group per pool,
+one bundle per actor) before any actor starts, so a job whose pools do not fit never half-starts and holds
+what it got. On a cluster that can grow, the reservation waits up to `ray.startup_timeout_s` for the
+autoscaler; then it fails with one message naming the shortfall per resource and releases everything.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import GetTimeoutError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ..config import ConfigError, RunConfig, StartupError
+
+
+def bundle(pool) -> dict[str, float]:
+    """What one actor of `pool` asks Ray for (resources of 0 left out: a bundle holds positive amounts)."""
+    wants = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **(pool.resources or {})}
+    return {k: float(v) for k, v in wants.items() if v > 0}
+
+
+def pools(cfg: RunConfig) -> dict[str, tuple[object, int]]:
+    """Each pool's resource settings and size."""
+    return {"teacher": (cfg.teacher.pool, cfg.teacher.num_replicas), "rollout": (cfg.rollout, cfg.rollout.num_workers),
+            "learner": (cfg.learner, cfg.learner.num_workers)}
+
+
+def pool_demand(cfg: RunConfig) -> dict[str, float]:
+    """Total Ray resources the three pools ask for."""
+    demand: dict[str, float] = {}
+    for pool, count in pools(cfg).values():
+        for key, value in bundle(pool).items():
+            demand[key] = demand.get(key, 0.0) + count * value
+    return demand
+
+
+def shortfall(demand: dict[str, float], have: dict[str, float]) -> str:
+    """'CPU: pools need 14, cluster has 8; GPU: ...' for every resource the cluster lacks ('' if none)."""
+    return "; ".join(f"{k}: pools need {need:g}, cluster has {have.get(k, 0.0):g}"
+                     for k, need in sorted(demand.items()) if need > have.get(k, 0.0) + 1e-9)
+
+
+@dataclass
+class Reservation:
+    """The placement group of each pool (None for a pool that asks for no resources)."""
+
+    groups: dict[str, PlacementGroup | None]
+
+    def options(self, pool_name: str, pool, index: int, name: str) -> dict:
+        """Actor options for actor `index` of the pool: its own bundle of the pool's group."""
+        opts = {"name": name, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_restarts": pool.max_restarts}
+        if pool.resources:
+            opts["resources"] = dict(pool.resources)
+        group = self.groups.get(pool_name)
+        if group is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=index)
+        elif pool.labels:
+            opts["label_selector"] = dict(pool.labels)
+        return opts
+
+    def release(self) -> None:
+        for group in self.groups.values():
+            if group is not None:
+                remove_placement_group(group)
+
+
+def reserve(cfg: RunConfig, embedded: bool, log=print) -> Reservation:
+    """Reserve every pool, or fail with the shortfall and hold nothing. An embedded Ray cannot grow, so
+    there a shortfall fails at once; a cluster gets `ray.startup_timeout_s` to scale up."""
+    demand = pool_demand(cfg)
+    short = shortfall(demand, ray.cluster_resources())
+    if short and embedded:
+        raise ConfigError(f"the pools do not fit on this Ray ({short}); lower rollout.num_workers / *.num_cpus "
+                          "(per-pool `num_cpus` may be fractional, e.g. 0.5) or raise ray.num_cpus")
+    if short:
+        log(f"[ray] the pools do not fit the cluster as it is now ({short}); waiting up to "
+            f"ray.startup_timeout_s={cfg.ray.startup_timeout_s:g}s for it to grow")
+    groups: dict[str, PlacementGroup | None] = {}
+    for name, (pool, count) in pools(cfg).items():
+        want = bundle(pool)
+        labels = [dict(pool.labels)] * count if pool.labels else None
+        # Names are unique cluster-wide: the suffix keeps a resumed job clear of a dying one's groups.
+        groups[name] = placement_group([want] * count, strategy="PACK", name=f"{name}-pool-{secrets.token_hex(4)}",
+                                       bundle_label_selector=labels) if want else None
+    reservation = Reservation(groups)
+    pending = [g.ready() for g in groups.values() if g is not None]
+    try:
+        ray.get(pending, timeout=cfg.ray.startup_timeout_s)
+    except GetTimeoutError:
+        reservation.release()
+        have = ray.cluster_resources()
+        detail = shortfall(demand, have) or "the resources exist but not together on nodes that match each pool"
+        raise StartupError(f"the pools could not be placed within ray.startup_timeout_s={cfg.ray.startup_timeout_s:g}s "
+                           f"({detail}); add nodes, or lower the pool sizes / per-actor resources") from None
+    return reservation
