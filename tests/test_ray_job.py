@@ -1,20 +1,27 @@
 """End to end as a user runs it: a local Ray head started with `ray start`, the training job submitted
-with `ray job submit --working-dir .`, its log checked, and the Prometheus endpoint scraped."""
+with `ray job submit --working-dir .`, its log checked, the Prometheus endpoint scraped, and a real
+Prometheus server (`make prometheus`) running the shipped scrape configuration answering a PromQL query."""
 
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ar2dlm_ray.cluster.metrics import METRIC_NAMES
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
@@ -23,20 +30,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for(url: str, head: subprocess.Popen, timeout: float = 90) -> None:
+def _wait_for(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert head.poll() is None, "ray start exited"
+        assert process.poll() is None, f"{process.args[0]} exited"
         try:
             urllib.request.urlopen(url, timeout=2)
             return
         except OSError:
             time.sleep(0.5)
-    raise TimeoutError(f"the Ray dashboard did not come up at {url}")
+    raise TimeoutError(f"nothing answered at {url}")
+
+
+def _start_prometheus(tmp_path: Path, metrics_port: int) -> tuple[subprocess.Popen, int]:
+    """The shipped deploy/prometheus/prometheus.yml, its service discovery file (which Ray writes for the
+    newest head on the machine) replaced by one naming this test's head, scraping every second."""
+    binary = shutil.which("prometheus")
+    assert binary, "no prometheus binary on PATH: run `make prometheus` (Debian's package)"
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = tmp_path / "ray_targets.json"
+    targets.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [f"127.0.0.1:{metrics_port}"]}]))
+    config["global"]["scrape_interval"] = "1s"
+    config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(targets)]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    server = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"), start_new_session=True)
+    _wait_for(f"http://127.0.0.1:{port}/-/ready", server, 60)
+    return server, port
+
+
+def _promql(port: int, query: str) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    answer = json.loads(urllib.request.urlopen(url, timeout=5).read())
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @pytest.mark.slow
-def test_ray_job_submit_end_to_end(micro_teacher, tmp_path):
+def test_ray_job_submit_end_to_end(micro_teacher, tmp_path, tmp_path_factory):
     port, dash, prom = _free_port(), _free_port(), _free_port()
     # Ray 2.60 turns token authentication on by default; a loopback test cluster opts out on both sides.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
@@ -46,10 +89,16 @@ def test_ray_job_submit_end_to_end(micro_teacher, tmp_path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", f"--metrics-export-port={prom}", "--num-cpus=4",
+         # Not the default agent port: another Ray on the machine (a CI run) may hold it, and then no job
+         # can be submitted ("No available agent").
+         f"--dashboard-agent-listen-port={_free_port()}",
          '--system-config={"metrics_report_interval_ms": 1000}'],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = None
     try:
         _wait_for(f"http://127.0.0.1:{dash}/api/version", head)
+        prom_dir = tmp_path_factory.mktemp("prometheus")
+        server, server_port = _start_prometheus(prom_dir, prom)
         # The dashboard answers before the head's job agent has registered; until then a submission is
         # refused (HTTP 500 "No available agent") without creating a job, so it is safe to retry.
         deadline = time.time() + 120
@@ -65,7 +114,25 @@ def test_ray_job_submit_end_to_end(micro_teacher, tmp_path):
             time.sleep(2)
         log = job.stdout + job.stderr
         assert job.returncode == 0 and "succeeded" in log, log[-4000:]
-        assert "[ray] connected to" in log and "[train] step 3/3 loss" in log and "[train] done: 3 steps" in log
+        assert "[ray] connected to" in log and "[train] done: 3 steps" in log
+        assert re.search(r"^\[train\] \d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 3/3 loss [\d.]+ tokens/s \d+ "
+                         r"eta 00:00:00 drops 0 ", log, flags=re.M), log[-4000:]
+        # Ray's warning about actor constructor arguments in the object store (an actor handle among a
+        # restartable actor's arguments) was in every job log.
+        assert "constructor arguments" not in log, log[-4000:]
+        # The learner's polling of an empty queue used to raise `Empty` in the queue actor: a "failed" task
+        # each time. (Calls still waiting on the queue when the pools are stopped end as WORKER_DIED.)
+        from ray.util.state import list_tasks
+
+        failed = list_tasks(address=f"http://127.0.0.1:{dash}", filters=[("state", "=", "FAILED")])
+        raised = [(t.name, t.error_type) for t in failed if t.error_type == "TASK_EXECUTION_EXCEPTION"]
+        assert not raised, raised
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+        assert [e.value for e in events.Scalars("ray/pool_size/rollout")] == [1.0] * 3
         assert (tmp_path / "summary.json").is_file() and (tmp_path / "final" / "ar2dlm_student.json").is_file()
         wanted = {"ray_ar2dlm_loss", "ray_ar2dlm_weight_version", "ray_ar2dlm_rollouts_total",
                   "ray_ar2dlm_teacher_tokens_per_s", "ray_ar2dlm_learner_step_s", "ray_ar2dlm_version_lag"}
@@ -77,13 +144,19 @@ def test_ray_job_submit_end_to_end(micro_teacher, tmp_path):
             seen = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_ar2dlm_")}
             time.sleep(1)
         assert wanted <= seen, sorted(seen)
+        # The loss as a Grafana panel asks for it, labelled with pool, actor and run.
+        deadline = time.time() + 60
+        while not (samples := _promql(server_port, "ray_ar2dlm_loss")) and time.time() < deadline:
+            time.sleep(1)
+        assert samples, (prom_dir / "prometheus.log").read_text()[-3000:]
+        labels = samples[0]["metric"]
+        assert labels["pool"] == "learner" and labels["actor"] == "learner-0", labels
+        assert labels["run"].startswith(f"{tmp_path.name}-"), labels
+        assert {s["metric"]["actor"] for s in _promql(server_port, "ray_ar2dlm_teacher_tokens_per_s")} == {"teacher-0"}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        if server is not None:
+            _stop(server)
+        _stop(head)
         # `ray stop` would also forget the cluster; without this a later ray.init() tries to join it.
         current = Path("/tmp/ray/ray_current_cluster")
         if current.is_file() and current.read_text().strip().endswith(f":{port}"):
