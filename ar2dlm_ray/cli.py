@@ -122,7 +122,8 @@ def cmd_demo(args) -> None:
     from .evaluate import EvalData, evaluate_student, evaluate_teacher, format_table, judge_teacher
     from .runs import check_run_dir
     from .student import load_student
-    from .trainer import LocalTrainer, resolve_teacher_path
+    from .models import resolve_teacher_path
+    from .trainer import LocalTrainer
 
     cfg = load_config(args.config, args.overrides)
     check_run_dir(Path(cfg.train.out_dir), cfg.logging.metrics_file, False, args.overwrite)  # before any work
@@ -160,7 +161,7 @@ def cmd_demo(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import bench_sampler
     from .student import load_student
-    from .trainer import build_student, resolve_teacher_path
+    from .models import build_student, resolve_teacher_path
 
     if args.what == "teacher":
         return _bench_teacher(args)
@@ -194,8 +195,7 @@ def _bench_teacher(args) -> None:
 
     from .bench import bench_teacher
     from .data import corpus_chunks, load_corpus
-    from .models import resolve_model
-    from .trainer import resolve_teacher_path
+    from .models import resolve_model, resolve_teacher_path
 
     cfg = load_config(args.config, args.overrides)
     t = cfg.teacher

@@ -101,7 +101,7 @@ class Experiment:
 
     # ---- running ------------------------------------------------------------------------------------
     def run(self) -> dict:
-        from .trainer import resolve_teacher_path
+        from .models import resolve_teacher_path
 
         start = time.perf_counter()
         teacher_path = resolve_teacher_path(self.base, self.log)
@@ -193,7 +193,7 @@ class Experiment:
 def reference_rows(cfg: RunConfig, teacher_path: str) -> dict:
     """The AR teacher's row and the converted student's row before training (shared by every arm)."""
     from .evaluate import EvalData, evaluate_student, evaluate_teacher, judge_teacher
-    from .trainer import build_student
+    from .models import build_student
 
     teacher = judge_teacher(cfg, teacher_path)
     data = EvalData(cfg, teacher.tokenizer, teacher_path)

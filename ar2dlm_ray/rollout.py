@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import RunConfig
+from .curriculum import generation_length
 from .sampler import sample
 from .states import Rollout, rollouts_from_sample
 from .student import Student
@@ -121,3 +122,45 @@ def teacher_rollouts(teacher, prompts: list[list[int]], indices: list[int], cfg:
 def corpus_rollouts(chunks: list[list[int]], bos: int, indices: list[int], gen_len: int, seed: int) -> list[Rollout]:
     """bd3lm's x0: held-out corpus text after a single BOS token, cut to the curriculum length."""
     return [Rollout([bos], chunks[i % len(chunks)][:gen_len], None, 0, seed, i) for i in indices]
+
+
+@dataclass
+class X0Batch:
+    """The x0 of one rollout batch, before any teacher scoring."""
+
+    batch: int
+    indices: list[int]  # the prompts it consumed
+    gen_len: int  # the curriculum's length limit for this batch
+    rollouts: list[Rollout]
+    sampler_forwards: int
+
+
+class X0Producer:
+    """x0 for rollout batch i, from the recipe's source: the same prompts (PromptOrder), length limit
+    (curriculum) and seed (rollout_seed) wherever it runs. The one producer of the local trainer and the rollout
+    actors, which is what makes a Ray run with `max_staleness: 0` repeat the local trainer's batches."""
+
+    def __init__(self, cfg: RunConfig, student: Student, teacher, teacher_path: str | None):
+        self.cfg, self.student, self.teacher = cfg, student, teacher
+        self.source = RECIPES[cfg.train.recipe].source
+        tok = student.tokenizer
+        self.prompts = encode_prompts(cfg, tok, teacher_path)
+        self.order = PromptOrder(len(self.prompts), cfg.train.rollout_batch_size, cfg.train.seed)
+        self.bos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+        self.corpus = conversion_corpus(cfg, tok, teacher_path, len(self.prompts)) if self.source == "corpus" else None
+
+    def produce(self, batch: int, version: int) -> X0Batch:
+        """`version`: the weight version the student's rollouts are stamped with."""
+        cfg = self.cfg
+        indices = self.order.indices(batch)
+        gen_len = generation_length(batch, cfg.curriculum, cfg.sampler.max_new_tokens)
+        seed = rollout_seed(cfg.train.seed, batch)
+        prompts = [self.prompts[i] for i in indices]
+        forwards = 0
+        if self.source == "corpus":
+            rollouts = corpus_rollouts(self.corpus, self.bos, indices, gen_len, seed)
+        elif self.source == "teacher":
+            rollouts = teacher_rollouts(self.teacher, prompts, indices, cfg, gen_len, seed)
+        else:
+            rollouts, forwards = student_rollouts(self.student, prompts, indices, cfg, gen_len, seed, version)
+        return X0Batch(batch, indices, gen_len, rollouts, forwards)
