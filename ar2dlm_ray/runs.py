@@ -4,23 +4,32 @@ A run directory holds config.json, the metrics log, `checkpoints/` (`step_N/{stu
 and `latest.json`, which names the newest complete one), `summary.json` and `final/`. A fresh run never
 starts over a previous one unless told to (--overwrite); --resume continues from the newest good
 checkpoint, and only when the config has not changed what is trained (or the change is allowed).
+
+`train.out_dir` is a path (local, or a shared filesystem every node mounts) or a storage URI that
+`pyarrow.fs` opens (s3://, gs://, file:///, ...), as Ray Train's `storage_path` is; see RunStorage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import posixpath
 import re
 import shutil
 import signal
+import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import pyarrow.fs as pafs
 import torch
 from safetensors import safe_open
 
 from .config import ConfigError, RunConfig, RunError, dump_config
+from .data import default_cache_dir
 from .student import SPEC_FILE
 
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")
@@ -35,6 +44,7 @@ SAFE_CHANGES = ("train.max_steps", "train.out_dir", "train.checkpoint_every", "t
 STATE_KEYS = {"step", "next_batch", "optimizer", "scheduler", "rng", "accounting", "config"}
 ABSENT = "(absent)"
 JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for the entrypoint of a submitted job
+URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def flops(acc: dict, n_teacher: int, n_student: int, block_size: int) -> dict:
@@ -44,24 +54,193 @@ def flops(acc: dict, n_teacher: int, n_student: int, block_size: int) -> dict:
     return {"flops_paper": paper, "flops_with_sampler": paper + sampler}
 
 
+# ---- where a run lives: a path or a storage URI ---------------------------------------------------------
+def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path of a storage URI; a one-line ConfigError when pyarrow cannot open it
+    (unknown scheme, no support built in, no credentials, bucket unreachable)."""
+    if uri.startswith("file://") and not uri.startswith("file:///"):
+        raise ConfigError(f"train.out_dir {uri!r}: a file:// URI must be absolute, e.g. file:///mnt/shared/runs/micro")
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, ArrowNotImplementedError or OSError
+        raise ConfigError(f"train.out_dir {uri!r} cannot be opened: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class RunStorage:
+    """Where a run's files live. A plain path is the run directory itself, written in place. A storage URI
+    is written through `local`, a staging directory (under $AR2DLM_CACHE/runs/, named by a hash of the URI,
+    emptied when a run starts), whose files the trainers persist to the URI as they write them; checkpoints
+    and final/ go straight to the URI, so a learner on another node can upload its part itself."""
+
+    def __init__(self, out_dir: str | Path):
+        self.uri = str(out_dir) if URI.match(str(out_dir)) else None
+        if self.uri is None:
+            self.local = Path(out_dir)
+        else:
+            self.fs, self.root = open_uri(self.uri)
+            self.local = default_cache_dir() / "runs" / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+
+    def __str__(self) -> str:
+        return self.uri or str(self.local)
+
+    def location(self, rel: str) -> str:
+        """Where the run keeps `rel`: a path, or a URI (any query, e.g. ?region=, stays at the end)."""
+        if self.uri is None:
+            return str(self.local / rel)
+        base, sep, query = self.uri.partition("?")
+        return f"{base.rstrip('/')}/{rel}{sep}{query}"
+
+    def _remote(self, rel: str) -> str:
+        return f"{self.root.rstrip('/')}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        if self.uri is None:
+            return (self.local / rel).exists()
+        return self.fs.get_file_info(self._remote(rel)).type != pafs.FileType.NotFound
+
+    def previous(self, metrics_file: str) -> list[str]:
+        """The entries of a previous run (none for an empty or missing run directory)."""
+        return [name for name in (metrics_file, *RUN_ENTRIES) if self.exists(name)]
+
+    def remove(self, rel: str) -> None:
+        """Remove a file or directory of the run (with a URI: there and in the staging directory)."""
+        path = self.local / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        if self.uri is not None:
+            _delete(self.fs, self._remote(rel))
+
+    def stage(self) -> None:
+        """Start with an empty staging directory: what it holds may be from another run to the same URI."""
+        if self.uri is not None:
+            shutil.rmtree(self.local, ignore_errors=True)
+            self.local.mkdir(parents=True)
+
+    def persist(self, *rels: str) -> None:
+        """Upload staged files or directories to the URI, in this order (nothing to do for a plain path)."""
+        if self.uri is not None:
+            for rel in rels:
+                if (self.local / rel).exists():
+                    _put(self.local / rel, self.fs, self._remote(rel))
+
+    def fetch(self, rel: str) -> None:
+        """Download a file or directory of the run from the URI into the staging directory, when it is there."""
+        if self.uri is not None and self.exists(rel):
+            _get(self.fs, self._remote(rel), self.local / rel)
+
+    def write_checkpoint(self, step: int, save_student: Callable[[str], object], state: dict, keep: int) -> str:
+        """write_checkpoint into the run; `save_student(where)` gets a path or a URI. On a URI there is no rename:
+        the student and trainer state are uploaded first, then latest.json (one object, which a PUT replaces
+        whole), then older checkpoints are pruned there. A checkpoint rewritten for the same step is deleted
+        first; were it latest.json's, a resume falls back to the one before."""
+        root = self.local / "checkpoints"
+        if self.uri is None:
+            return str(write_checkpoint(root, step, lambda path: save_student(str(path)), state, keep))
+        rel = f"checkpoints/{checkpoint_name(step)}"
+        self.remove(rel)
+        save_student(self.location(f"{rel}/student"))
+        (self.local / rel).mkdir(parents=True)
+        torch.save(state, self.local / rel / "trainer_state.pt")
+        (root / "latest.json").write_text(json.dumps({"checkpoint": checkpoint_name(step), "step": step}))
+        self.persist(f"{rel}/trainer_state.pt", "checkpoints/latest.json")
+        shutil.rmtree(self.local / rel)  # trainer states are large; the URI has it
+        for old in _pruned(self._remote_steps(), step, keep):
+            self.remove(old)
+        return self.location(rel)
+
+    def _remote_steps(self) -> dict[int, str]:
+        selector = pafs.FileSelector(self._remote("checkpoints"), allow_not_found=True)
+        return {int(match.group(1)): f"checkpoints/{info.base_name}" for info in self.fs.get_file_info(selector)
+                if info.type == pafs.FileType.Directory and (match := CHECKPOINT_NAME.fullmatch(info.base_name))}
+
+    def read_checkpoint(self, log: Callable = print) -> tuple[Path, dict]:
+        """read_checkpoint on the run. From a URI: latest.json is staged, and each checkpoint only when it is
+        tried (usually just the newest), so the fallback from a damaged one works as for a path."""
+        root = self.local / "checkpoints"
+        if self.uri is not None:
+            self.fetch("checkpoints/latest.json")
+            for rel in self._remote_steps().values():
+                (self.local / rel).mkdir(parents=True, exist_ok=True)  # the candidates; filled when tried
+        return read_checkpoint(root, log, self._fetch_checkpoint, self.location("checkpoints"))
+
+    def _fetch_checkpoint(self, ckpt: Path) -> None:
+        try:
+            self.fetch(f"checkpoints/{ckpt.name}")
+        except OSError as exc:
+            raise ValueError(f"could not be downloaded ({_first_line(exc)})") from None
+
+
+def _put(local: Path, fs: pafs.FileSystem, path: str) -> None:
+    """Copy a local file or directory to `path` on `fs`, replacing it."""
+    if local.is_dir():
+        _delete(fs, path)  # no stale files from an older copy
+    # A local filesystem needs the directories (copy_files only makes those of subdirectories).
+    fs.create_dir(path if local.is_dir() else posixpath.dirname(path), recursive=True)
+    pafs.copy_files(str(local.absolute()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def _get(fs: pafs.FileSystem, path: str, local: Path) -> None:
+    is_dir = fs.get_file_info(path).type == pafs.FileType.Directory
+    (local if is_dir else local.parent).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local.absolute()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def _delete(fs: pafs.FileSystem, path: str) -> None:
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def save_dir(where: str, save: Callable[[Path], object]) -> None:
+    """`save(path)` writes a directory; here to `where`, a path or a storage URI (then through a temporary
+    directory on this node, uploaded from here: a Ray learner writes the student on its own node)."""
+    if not URI.match(where):
+        save(Path(where))
+        return
+    fs, path = open_uri(where)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(Path(tmp) / "dir")
+        _put(Path(tmp) / "dir", fs, path)
+
+
+@contextmanager
+def local_dir(where: str) -> Iterator[Path]:
+    """The directory at `where`, a path or a storage URI (then downloaded to a temporary directory)."""
+    if not URI.match(where):
+        yield Path(where)
+        return
+    fs, path = open_uri(where)
+    with tempfile.TemporaryDirectory() as tmp:
+        _get(fs, path, Path(tmp) / "dir")
+        yield Path(tmp) / "dir"
+
+
 # ---- the run directory ------------------------------------------------------------------------------------
-def previous_run(out_dir: Path, metrics_file: str) -> list[str]:
-    """The entries of a previous run in `out_dir` (none for an empty or missing directory)."""
-    return [name for name in (metrics_file, *RUN_ENTRIES) if (out_dir / name).exists()]
-
-
-def check_run_dir(out_dir: Path, metrics_file: str, resume: bool, overwrite: bool) -> None:
-    """Refuse, before any work, a fresh run over a previous one, contradictory flags, and (in a job submitted
-    with `ray job submit`) a relative out_dir."""
-    if not out_dir.is_absolute() and os.environ.get(JOB_ENV_VAR):
+def check_run_dir(out_dir: str | Path, metrics_file: str, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any work, a storage URI that cannot be opened, a fresh run over a previous one,
+    contradictory flags, and (in a job submitted with `ray job submit`) a relative out_dir."""
+    run = RunStorage(out_dir)
+    if run.uri is None and not run.local.is_absolute() and os.environ.get(JOB_ENV_VAR):
         raise ConfigError(f"train.out_dir {str(out_dir)!r} is relative: in a job submitted with `ray job submit` it "
                           "would land in Ray's temporary copy of the working directory and be deleted with it; give "
-                          "an absolute path on storage every node mounts, e.g. train.out_dir=/mnt/shared/runs/micro")
+                          "an absolute path on storage every node mounts, e.g. train.out_dir=/mnt/shared/runs/micro, "
+                          "or a storage URI, e.g. train.out_dir=s3://bucket/runs/micro")
     if resume and overwrite:
         raise ConfigError("--resume continues the run in train.out_dir and --overwrite replaces it; give one of them")
-    found = previous_run(out_dir, metrics_file)
+    try:
+        found = run.previous(metrics_file)
+    except OSError as exc:  # e.g. no credentials, or no access to the bucket
+        raise ConfigError(f"train.out_dir {run.uri!r} cannot be read: {_first_line(exc)}") from None
     if found and not (resume or overwrite):
-        raise ConfigError(f"{out_dir} holds a previous run ({', '.join(found)}); pass --resume to continue it or "
+        raise ConfigError(f"{run} holds a previous run ({', '.join(found)}); pass --resume to continue it or "
                           "--overwrite to replace it, or choose another train.out_dir")
 
 
@@ -91,38 +270,39 @@ class StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-    def stopped(self, step: int, ckpt: Path) -> RunError:
+    def stopped(self, step: int, ckpt: str | Path) -> RunError:
         self.restore()
         return RunError(f"stopped by SIGTERM after step {step}; checkpoint {ckpt} written", resumable=True)
 
 
-def clear_run(out_dir: Path, metrics_file: str) -> None:
+def clear_run(out_dir: str | Path, metrics_file: str) -> None:
     """Remove a previous run's files (only those: the directory may hold other things, e.g. the demo's)."""
-    for name in previous_run(out_dir, metrics_file):
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    run = RunStorage(out_dir)
+    for name in run.previous(metrics_file):
+        run.remove(name)
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool, allow_change: tuple[str, ...] = (),
-                    log: Callable = print) -> tuple[Path, tuple[Path, dict] | None]:
+def prepare_run_dir(run: RunStorage, cfg: RunConfig, resume: bool, overwrite: bool,
+                    allow_change: tuple[str, ...] = (), log: Callable = print) -> tuple[Path, tuple[Path, dict] | None]:
     """Check the run directory, clear it (--overwrite) or pick the checkpoint to resume from, and record the
-    config. Returns the metrics log and, when resuming, the checkpoint directory and its trainer state."""
-    out_dir = Path(cfg.train.out_dir)
-    metrics_path = out_dir / cfg.logging.metrics_file
-    check_run_dir(out_dir, cfg.logging.metrics_file, resume, overwrite)
+    config. Returns the metrics log and, when resuming, the (staged) checkpoint directory and its trainer state."""
+    metrics_file = cfg.logging.metrics_file
+    check_run_dir(str(run), metrics_file, resume, overwrite)
     if overwrite:
-        clear_run(out_dir, cfg.logging.metrics_file)
+        clear_run(str(run), metrics_file)
+    run.stage()
     resumed = None
     if resume:
-        ckpt, state = resumed = read_checkpoint(out_dir / "checkpoints", log)
-        check_resume_config(state["config"], dump_config(cfg), allow_change, ckpt)
-        trim_metrics(metrics_path, state["step"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
-    return metrics_path, resumed
+        ckpt, state = resumed = run.read_checkpoint(log)
+        check_resume_config(state["config"], dump_config(cfg), allow_change,
+                            run.location(f"checkpoints/{ckpt.name}"))
+        run.fetch(metrics_file)
+        trim_metrics(run.local / metrics_file, state["step"])
+        run.persist(metrics_file)
+    run.local.mkdir(parents=True, exist_ok=True)
+    (run.local / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
+    run.persist("config.json")
+    return run.local / metrics_file, resumed
 
 
 def trim_metrics(metrics_path: Path, step: int) -> None:
@@ -144,11 +324,22 @@ def checkpoint_steps(root: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _pruned(steps: dict[int, object], step: int, keep: int) -> list:
+    """What pruning to the `keep` newest removes after writing `step`. Newer numbers than this step are left
+    from before a resume; the run replaces them when it gets there."""
+    older = [where for number, where in sorted(steps.items()) if number < step]
+    return older[:max(0, len(older) - (keep - 1))]
+
+
 def write_checkpoint(root: Path, step: int, save_student: Callable[[Path], object], state: dict, keep: int) -> Path:
     """`root/step_N/{student/, trainer_state.pt}`; then `root/latest.json`, only once the directory is
     complete; then pruning to the `keep` newest, so that latest.json never names a missing checkpoint."""
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
+    name = checkpoint_name(step)
     tmp, aside = root / f".tmp-{name}", root / f".old-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(aside, ignore_errors=True)
@@ -163,16 +354,17 @@ def write_checkpoint(root: Path, step: int, save_student: Callable[[Path], objec
     latest_tmp.write_text(json.dumps({"checkpoint": name, "step": step}))
     os.replace(latest_tmp, root / "latest.json")
     shutil.rmtree(aside, ignore_errors=True)
-    # Newer numbers than this step are left from before a resume; the run replaces them when it gets there.
-    older = [path for number, path in checkpoint_steps(root).items() if number < step]
-    for path in older[:max(0, len(older) - (keep - 1))]:
+    for path in _pruned(checkpoint_steps(root), step, keep):
         shutil.rmtree(path, ignore_errors=True)
     return final
 
 
-def read_checkpoint(root: Path, log: Callable = print) -> tuple[Path, dict]:
+def read_checkpoint(root: Path, log: Callable = print, fetch: Callable[[Path], object] = lambda ckpt: None,
+                    shown: str | None = None) -> tuple[Path, dict]:
     """The checkpoint latest.json names and its trainer state; when that one is damaged, the newest good
-    other one, with one log line that says what was wrong."""
+    other one, with one log line that says what was wrong. `fetch(ckpt)` stages a checkpoint before it is
+    read (ValueError when it cannot); `shown` names `root` in messages (a staged copy: its URI)."""
+    shown = shown or str(root)
     problems, candidates = [], list(reversed(checkpoint_steps(root).values()))
     try:
         named = _latest(root)
@@ -181,15 +373,16 @@ def read_checkpoint(root: Path, log: Callable = print) -> tuple[Path, dict]:
         problems.append(str(exc))
     for ckpt in candidates:
         try:
+            fetch(ckpt)
             state = load_trainer_state(ckpt)
         except ValueError as exc:
             problems.append(f"{ckpt.name} {exc}")
             continue
         if problems:
-            log(f"[train] {root}: {'; '.join(problems)}; resuming from {ckpt.name} instead")
+            log(f"[train] {shown}: {'; '.join(problems)}; resuming from {ckpt.name} instead")
         return ckpt, state
     detail = f" ({'; '.join(problems)})" if problems else ""
-    raise ConfigError(f"--resume: no usable checkpoint in {root}{detail}; start without --resume, or with --overwrite")
+    raise ConfigError(f"--resume: no usable checkpoint in {shown}{detail}; start without --resume, or with --overwrite")
 
 
 def _latest(root: Path) -> Path:
@@ -245,7 +438,7 @@ def refused_changes(old: dict, new: dict, allow: tuple[str, ...] = ()) -> dict[s
             if not any(key == a or key.startswith(a + ".") for a in allowed)}
 
 
-def check_resume_config(old: dict, new: dict, allow: tuple[str, ...], ckpt: Path) -> None:
+def check_resume_config(old: dict, new: dict, allow: tuple[str, ...], ckpt: str | Path) -> None:
     refused = refused_changes(old, new, allow)
     if refused:
         changes = ", ".join(f"{key} {_show(o)} -> {_show(n)}" for key, (o, n) in refused.items())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig
+from .runs import RunStorage
 
 # record key -> scalar tag; keys a record lacks (or holds None) are skipped.
 SCALARS = {
@@ -41,10 +42,11 @@ class Tracker:
     def __init__(self, cfg: RunConfig, log: Callable = print, pools: dict[str, int] | None = None):
         self.tb = self.wandb = None
         self.pools = pools or {}
+        run_dir = RunStorage(cfg.train.out_dir).local  # a storage URI's staging directory, persisted by the trainers
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(cfg.train.out_dir) / "tensorboard"))
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         if cfg.logging.wandb_project:
             if importlib.util.find_spec("wandb") is None:
                 log(f"[train] logging.wandb_project={cfg.logging.wandb_project!r} but wandb is not installed "
@@ -55,7 +57,7 @@ class Tracker:
                 from .config import dump_config
 
                 self.wandb = wandb.init(project=cfg.logging.wandb_project, name=run_name(cfg),
-                                        dir=str(cfg.train.out_dir), config=dump_config(cfg))
+                                        dir=str(run_dir), config=dump_config(cfg))
 
     def log(self, step: int, record: dict) -> None:
         scalars = {tag: float(record[key]) for key, tag in SCALARS.items() if record.get(key) is not None}

@@ -22,7 +22,7 @@ from .learner import Learner
 from .progress import Progress
 from .rollout import (RECIPES, PromptOrder, conversion_corpus, corpus_rollouts, encode_prompts, rollout_seed,
                       student_rollouts, teacher_rollouts)
-from .runs import StopRequest, check_run_dir, checkpoint_due, flops, prepare_run_dir, write_checkpoint
+from .runs import RunStorage, StopRequest, check_run_dir, checkpoint_due, flops, prepare_run_dir, save_dir
 from .states import Rollout
 from .student import Student, convert, is_student_dir, load_causal_lm, load_student
 from .teacher import build_teacher
@@ -72,7 +72,7 @@ class LocalTrainer:
         self.order = PromptOrder(len(self.prompts), cfg.train.rollout_batch_size, cfg.train.seed)
         self.total_steps = cfg.train.max_steps or self.order.batches_per_epoch
         self.learner = Learner(self.student, cfg, self.total_steps)
-        self.out_dir = Path(cfg.train.out_dir)
+        self.run_dir = RunStorage(cfg.train.out_dir)
         self.step, self.next_batch = 0, 0
         self.accounting = {"prompts_consumed": 0, "rolled_out": 0, "scored": 0, "trained_on": 0,
                            "dropped_stale": 0, "retried": 0, "tokens_trained": 0, "sampler_forwards": 0,
@@ -98,7 +98,7 @@ class LocalTrainer:
         not) and stops training early by returning True (the experiment runner's budget evaluations).
         `resume` continues the run in train.out_dir, `overwrite` replaces it (see runs.prepare_run_dir)."""
         cfg = self.cfg
-        metrics_path, resumed = prepare_run_dir(cfg, resume, overwrite, allow_change, self.log)
+        metrics_path, resumed = prepare_run_dir(self.run_dir, cfg, resume, overwrite, allow_change, self.log)
         if resumed:
             self._resume(*resumed)
         stop = StopRequest()
@@ -158,10 +158,12 @@ class LocalTrainer:
                 break
         tracker.close()
         stop.restore()
-        final = self.student.save(self.out_dir / "final")
-        summary = {"final_student": str(final), "steps": self.step, "accounting": dict(self.accounting),
+        final = self.run_dir.location("final")
+        save_dir(final, self.student.save)
+        summary = {"final_student": final, "steps": self.step, "accounting": dict(self.accounting),
                    **self.flops()}
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.run_dir.local / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.run_dir.persist(cfg.logging.metrics_file, "tensorboard", "summary.json")
         self.log(f"[train] done: {self.step} steps, {self.accounting['tokens_trained']} training tokens, "
                  f"student saved to {final}")
         return summary
@@ -170,13 +172,11 @@ class LocalTrainer:
         return flops(self.accounting, self.n_teacher, self.n_student, self.student.spec.block_size)
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out_dir / "checkpoints"
-
-    def checkpoint(self) -> Path:
-        """Write model, optimiser, scheduler, RNG, data position and accounting atomically."""
-        return write_checkpoint(self.ckpt_root, self.step, self.student.save, {
+    def checkpoint(self) -> str:
+        """Write model, optimiser, scheduler, RNG, data position and accounting atomically (with a storage URI,
+        after uploading the metrics up to this step)."""
+        self.run_dir.persist(self.cfg.logging.metrics_file, "tensorboard")
+        return self.run_dir.write_checkpoint(self.step, lambda where: save_dir(where, self.student.save), {
             "step": self.step, "next_batch": self.next_batch, **self.learner.state_dict(), "rng": torch.get_rng_state(),
             "accounting": dict(self.accounting), "config": dump_config(self.cfg),
         }, self.cfg.train.keep_checkpoints)
@@ -194,5 +194,5 @@ class LocalTrainer:
 
 def train(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite: bool = False,
           allow_change: tuple[str, ...] = ()) -> dict:
-    check_run_dir(Path(cfg.train.out_dir), cfg.logging.metrics_file, resume, overwrite)  # before any work
+    check_run_dir(cfg.train.out_dir, cfg.logging.metrics_file, resume, overwrite)  # before any work
     return LocalTrainer(cfg, log).run(resume=resume, overwrite=overwrite, allow_change=allow_change)

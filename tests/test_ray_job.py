@@ -161,3 +161,74 @@ def test_ray_job_submit_end_to_end(micro_teacher, tmp_path, tmp_path_factory):
         current = Path("/tmp/ray/ray_current_cluster")
         if current.is_file() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
+
+
+def _readme_cluster_commands() -> list[str]:
+    """The README's single-machine cluster commands, one per line, without comments."""
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "ray start --head" in b and "submit.sh" in b)
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.slow
+def test_readme_cluster_commands_run_as_written(micro_teacher, tmp_path):
+    """The README's commands from a fresh clone, with the venv not on PATH: the head started by
+    `.venv/bin/ray start` finds only a python without the dependencies, so a plain `ray job submit` fails
+    with "No module named ..." (the issue), and deploy/submit.sh (deploy/runtime_env.yaml) runs. Changed for
+    the test only: its own ports, 4 CPUs on a small machine, a token file of its own instead of
+    ~/.ray/auth_token, and a short run of the micro teacher; `make setup` has already run."""
+    commands = _readme_cluster_commands()
+    assert commands[0] == "make setup"
+    port, dash = _free_port(), _free_port()
+    token = tmp_path / "auth_token"
+    token.write_text(os.urandom(32).hex())
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != BIN)
+    env = {**os.environ, "PATH": path, "RAY_AUTH_TOKEN_PATH": str(token), "RAY_ADDRESS": f"http://127.0.0.1:{dash}",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_AUTH_MODE", None)
+    short = [f"model.teacher={micro_teacher}", "train.max_steps=2", "train.rollout_batch_size=8",
+             "data.num_prompts=64", "sampler.max_new_tokens=8", "curriculum.min_len=4", "curriculum.max_len=8",
+             "teacher.pool.num_cpus=1"]
+    head = None
+    try:
+        for command in commands[1:]:
+            if command.startswith("export "):
+                name, value = command.removeprefix("export ").split("=", 1)
+                env[name] = value
+            elif "get-auth-token --generate" in command:
+                continue  # the token file above
+            elif "ray start --head" in command:
+                head = subprocess.Popen(
+                    ["bash", "-c", f"{command} --block --port={port} --dashboard-port={dash} --num-cpus=4 "
+                                   f"--dashboard-agent-listen-port={_free_port()} --ray-client-server-port={_free_port()}"],
+                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "head.log").open("w"),
+                    start_new_session=True)
+                # Until the dashboard and the head's job agent are up, a submission is refused without creating
+                # a job. (The dashboard asks for the token even for its version.)
+                deadline = time.time() + 150
+                while True:
+                    assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+                    plain = subprocess.run(
+                        [str(BIN / "ray"), "job", "submit", "--", "python", "-m", "ar2dlm_ray.train", "--config",
+                         "configs/micro.yaml", f"train.out_dir={tmp_path / 'plain'}", *short],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                    refused = re.search("No available agent|Failed to connect", plain.stdout + plain.stderr)
+                    if not refused or time.time() > deadline:
+                        break
+                    time.sleep(2)
+                assert plain.returncode != 0 and "No module named" in plain.stdout, plain.stdout[-3000:]
+            elif command.startswith("deploy/submit.sh") and "--resume" not in command:
+                out_dir = tmp_path / "run"
+                line = re.sub(r"train\.out_dir=\S+", f"train.out_dir={out_dir}", command)
+                job = subprocess.run(["bash", "-c", f"{line} {' '.join(short)}"], cwd=ROOT, env=env,
+                                     capture_output=True, text=True, timeout=300)
+                log = job.stdout + job.stderr
+                assert job.returncode == 0 and "[train] done: 2 steps" in log, log[-4000:]
+                assert (out_dir / "final" / "ar2dlm_student.json").is_file()
+        assert head is not None and out_dir.is_dir(), commands
+    finally:
+        if head is not None:
+            _stop(head)
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()

@@ -21,6 +21,7 @@ from ..curriculum import generation_length
 from ..learner import Learner
 from ..rollout import (RECIPES, PromptOrder, conversion_corpus, corpus_rollouts, encode_prompts, rollout_seed,
                        student_rollouts, teacher_rollouts)
+from ..runs import local_dir, save_dir
 from ..teacher import build_teacher
 from ..trainer import build_student, param_count
 from .delivery import LEDGER_NAME
@@ -271,15 +272,18 @@ class LearnerWorker:
         return seconds
 
     def load(self, student_dir: str, state: dict) -> None:
+        """`student_dir`: a path, or a storage URI (downloaded on this node)."""
         from ..student import load_student
 
         cfg = self.cfg
-        loaded = load_student(student_dir, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
+        with local_dir(student_dir) as path:
+            loaded = load_student(path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
         self.student.model.load_state_dict(loaded.model.state_dict())
         self.learner.load_state_dict(state)
 
     def save(self, out_dir: str) -> None:
-        self.student.save(out_dir)
+        """`out_dir`: a path, or a storage URI (uploaded from this node, which may not be the driver's)."""
+        save_dir(out_dir, self.student.save)
 
     def state(self) -> dict:
         return self.learner.state_dict()

@@ -27,7 +27,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 from ..config import ConfigError, RunConfig, RunError, StartupError, dump_config
 from ..progress import Progress
 from ..rollout import RECIPES
-from ..runs import StopRequest, check_run_dir, checkpoint_due, flops, prepare_run_dir, write_checkpoint
+from ..runs import RunStorage, StopRequest, check_run_dir, checkpoint_due, flops, prepare_run_dir
 from ..tracking import Tracker, run_name
 from ..trainer import resolve_teacher_path
 from .actors import LearnerWorker, RolloutWorker, TeacherServer
@@ -133,7 +133,7 @@ class RayTrainer:
         self.n_student = first["params"]
         self.n_teacher = self.placement["teacher"][0]["params"] or self.n_student
         self.block_size = first["block_size"]
-        self.out_dir = Path(cfg.train.out_dir)
+        self.run_dir = RunStorage(cfg.train.out_dir)
         self.accounting = {k: 0 for k in ACCOUNTING_KEYS}
         self.step = self.start_batch = 0
 
@@ -216,7 +216,7 @@ class RayTrainer:
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self, resume: bool = False, overwrite: bool = False, allow_change: tuple[str, ...] = ()) -> dict:
         cfg = self.cfg
-        metrics_path, resumed = prepare_run_dir(cfg, resume, overwrite, allow_change, self.log)
+        metrics_path, resumed = prepare_run_dir(self.run_dir, cfg, resume, overwrite, allow_change, self.log)
         if resumed:
             self._resume(*resumed)
         self.start_step = self.step
@@ -264,14 +264,15 @@ class RayTrainer:
                 self._on_produced(ref) if ray.wait([ref], timeout=min(60.0, cfg.ray.timeout_s))[0] else None
             except Exception:  # noqa: BLE001 - shutting down; nothing to retry
                 pass
-        final = self.out_dir / "final"
-        ray.get(self.learners[0].save.remote(str(final)))
-        summary = {"final_student": str(final), "steps": self.step, "accounting": dict(self.accounting),
+        final = self.run_dir.location("final")
+        ray.get(self.learners[0].save.remote(final))
+        summary = {"final_student": final, "steps": self.step, "accounting": dict(self.accounting),
                    "placement": self.placement, "teacher_load": self._teacher_load(),
                    "delivery": {**ray.get(self.ledger.summary.remote()), "left_in_queue_ids": self._drain_queue()},
                    "worker_deaths": self._named_deaths(),
                    **flops(self.accounting, self.n_teacher, self.n_student, self.block_size)}
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.run_dir.local / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.run_dir.persist(cfg.logging.metrics_file, "tensorboard", "summary.json")
         self.log(f"[train] done: {self.step} steps, {self.accounting['tokens_trained']} training tokens, "
                  f"accounting {json.dumps(self.accounting)}, student saved to {final}")
         return summary
@@ -310,7 +311,7 @@ class RayTrainer:
                 except RayActorError as exc:
                     raise RunError(f"learner-{rank} died at step {self.step + 1} ({type(exc).__name__}); the learner "
                                    "group cannot continue without it. The checkpoints in "
-                                   f"{self.ckpt_root} are intact", resumable=True) from None
+                                   f"{self.run_dir.location('checkpoints')} are intact", resumable=True) from None
                 for key in ("dropped_stale", "discarded_duplicates", "regenerated", "retried"):
                     self.accounting[key] += res[key]
                 self.demand += res["dropped_batches"]
@@ -354,18 +355,18 @@ class RayTrainer:
         }
 
     # ---- checkpoints (the local trainer's format) ---------------------------------------------------
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out_dir / "checkpoints"
-
-    def checkpoint(self, next_batch: int) -> Path:
+    def checkpoint(self, next_batch: int) -> str:
         state = {"step": self.step, "next_batch": next_batch, **ray.get(self.learners[0].state.remote()),
                  "rng": torch.get_rng_state(), "accounting": dict(self.accounting), "config": dump_config(self.cfg)}
-        return write_checkpoint(self.ckpt_root, self.step, lambda p: ray.get(self.learners[0].save.remote(str(p))),
-                                state, self.cfg.train.keep_checkpoints)
+        self.run_dir.persist(self.cfg.logging.metrics_file, "tensorboard")  # with a storage URI: the metrics up to here
+        # Learner rank 0 writes the student on its own node: to the URI itself, or to a path every node mounts.
+        return self.run_dir.write_checkpoint(self.step, lambda where: ray.get(self.learners[0].save.remote(where)),
+                                         state, self.cfg.train.keep_checkpoints)
 
     def _resume(self, ckpt: Path, state: dict) -> None:
-        ray.get([lw.load.remote(str(ckpt / "student"), state) for lw in self.learners])
+        # From a storage URI each learner downloads the student on its own node.
+        student = self.run_dir.location(f"checkpoints/{ckpt.name}/student")
+        ray.get([lw.load.remote(student, state) for lw in self.learners])
         self.step, self.start_batch = state["step"], state["next_batch"]
         self.accounting.update(state["accounting"])
         self.log(f"[train] resumed from {ckpt.name}: step {self.step}, next rollout batch {self.start_batch}")
@@ -417,7 +418,7 @@ def _exists(name: str) -> bool:
 
 def train(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite: bool = False,
           allow_change: tuple[str, ...] = ()) -> dict:
-    check_run_dir(Path(cfg.train.out_dir), cfg.logging.metrics_file, resume, overwrite)  # before starting pools
+    check_run_dir(cfg.train.out_dir, cfg.logging.metrics_file, resume, overwrite)  # before starting pools
     trainer = RayTrainer(cfg, log)
     try:
         return trainer.run(resume=resume, overwrite=overwrite, allow_change=allow_change)
