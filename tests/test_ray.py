@@ -73,6 +73,33 @@ def test_ray_run_matches_local_trainer(micro_teacher, tmp_path, local_ray, local
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004"]
 
 
+def test_ray_run_to_a_storage_uri_matches_local_and_resumes(micro_teacher, tmp_path, local_ray, local_reference):
+    """train.out_dir a storage URI (file:// here, the same code as s3://): learner rank 0 uploads the student
+    from its node (checkpoints, final/), the driver the trainer state and latest.json; on --resume each learner
+    downloads the student on its node."""
+    from ar2dlm_ray.cluster.driver import train
+
+    ref, local_acc = local_reference
+    store = tmp_path / "store" / "run"
+    cfg = _ray_cfg(micro_teacher, f"file://{store}", **{"train.checkpoint_every": 2})
+    summary = train(cfg, log=lambda *a: None)
+    assert summary["final_student"] == f"file://{store}/final"
+    assert (store / "final" / "ar2dlm_student.json").is_file()
+    ckpts = store / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004"]
+    assert list((ckpts / "step_0000002" / "student").glob("*.safetensors"))
+    assert json.loads((store / "summary.json").read_text())["accounting"] == summary["accounting"]
+    for key, value in local_acc.items():
+        assert summary["accounting"][key] == value, key
+
+    (ckpts / "latest.json").write_text(json.dumps({"checkpoint": "step_0000002", "step": 2}))
+    resumed = train(cfg, resume=True, log=lambda *a: None)
+    got = _metrics(store)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)) < 1e-5
+    assert resumed["accounting"] == summary["accounting"]
+
+
 @pytest.mark.slow
 def test_ray_resume_and_collective_transport_match_local(micro_teacher, tmp_path, local_ray, local_reference):
     from ar2dlm_ray.cluster.driver import train

@@ -14,8 +14,9 @@ import torch
 
 from ar2dlm_ray.config import ConfigError, RunConfig, dump_config
 from ar2dlm_ray.learner import Learner
-from ar2dlm_ray.runs import (check_resume_config, check_run_dir, checkpoint_steps, clear_run, config_changes,
-                             load_trainer_state, read_checkpoint, refused_changes, write_checkpoint)
+from ar2dlm_ray.runs import (RunStorage, check_resume_config, check_run_dir, checkpoint_steps, clear_run,
+                             config_changes, load_trainer_state, read_checkpoint, refused_changes, save_dir,
+                             write_checkpoint)
 from ar2dlm_ray.states import Rollout
 from ar2dlm_ray.student import convert
 from ar2dlm_ray.teacher import TokenTargets
@@ -252,9 +253,51 @@ def test_a_submitted_job_needs_an_absolute_out_dir(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"train.out_dir 'runs/micro' is relative: .* e.g. train.out_dir=/mnt/shared"):
         check_run_dir(Path("runs/micro"), "metrics.jsonl", False, False)
     check_run_dir(tmp_path / "run", "metrics.jsonl", False, False)
+    check_run_dir(f"file://{tmp_path}/run", "metrics.jsonl", False, False)  # a storage URI is not a relative path
 
 
 def test_checkpoints_fall_on_the_schedule():
     from ar2dlm_ray.runs import checkpoint_due
 
     assert [s for s in range(1, 12) if checkpoint_due(s, 11, 4)] == [4, 8, 11]
+
+
+# ---- a storage URI (pyarrow.fs; file:// here runs the same code as s3:// or gs://) --------------------------
+@pytest.mark.parametrize("uri, reason", [("foo://bucket/run", "Unrecognized filesystem type"),
+                                         ("file://relative/run", "must be absolute")])
+def test_a_storage_uri_pyarrow_cannot_open_is_one_line(uri, reason):
+    with pytest.raises(ConfigError) as err:
+        check_run_dir(uri, "metrics.jsonl", resume=False, overwrite=False)
+    message = str(err.value)
+    assert uri in message and reason in message and "\n" not in message, message
+
+
+def test_checkpoints_go_to_the_uri_are_pruned_there_and_resume_falls_back(tmp_path, real_state):
+    student, state = real_state
+    store = tmp_path / "store" / "run"
+    uri = f"file://{store}"
+    run = RunStorage(uri)
+    run.stage()
+    assert not run.local.is_relative_to(tmp_path), "the staging directory is not the URI's location"
+    for step in (1, 2, 3):
+        where = run.write_checkpoint(step, lambda to: save_dir(to, student.save), {**state, "step": step}, keep=2)
+    assert where == f"{uri}/checkpoints/step_0000003"
+    ckpts = store / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest.json", "step_0000002", "step_0000003"]
+    assert json.loads((ckpts / "latest.json").read_text())["checkpoint"] == "step_0000003"
+    assert (ckpts / "step_0000003" / "student" / "ar2dlm_student.json").is_file()
+    assert not list(run.local.rglob("trainer_state.pt")), "checkpoints are not kept in the staging directory"
+
+    # A resume on another machine: latest.json and the checkpoints it tries are downloaded, a damaged one skipped.
+    _truncate(ckpts / "step_0000003" / "trainer_state.pt")
+    run.stage()
+    lines = []
+    ckpt, loaded = run.read_checkpoint(lines.append)
+    assert ckpt == run.local / "checkpoints" / "step_0000002" and loaded["step"] == 2
+    assert len(lines) == 1 and "resuming from step_0000002 instead" in lines[0], lines
+
+    with pytest.raises(ConfigError, match=f"{uri} holds a previous run \\(checkpoints\\)"):
+        check_run_dir(uri, "metrics.jsonl", resume=False, overwrite=False)
+    (store / "notes.txt").write_text("x")
+    clear_run(uri, "metrics.jsonl")
+    assert [p.name for p in store.iterdir()] == ["notes.txt"]

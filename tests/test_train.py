@@ -72,21 +72,24 @@ def _train_cmd(teacher, out_dir, *extra, steps=6, every=2, keep=2):
                                              "train.keep_checkpoints": keep})]
 
 
-@pytest.mark.slow
-def test_resume_after_kill_continues_with_same_steps_and_data(micro_teacher, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    subprocess.run(_train_cmd(micro_teacher, ref_dir), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_train_cmd(micro_teacher, run_dir), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    metrics = run_dir / "metrics.jsonl"
+def _kill_after_step_3(cmd, env, metrics):
+    """SIGKILL a training run once `metrics` has 3 steps (the run checkpoints at step 2)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill it after step 3 (checkpoint at step 2)
+    while time.time() < deadline:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_continues_with_same_steps_and_data(micro_teacher, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(_train_cmd(micro_teacher, ref_dir), check=True, env=env, capture_output=True)
+    _kill_after_step_3(_train_cmd(micro_teacher, run_dir), env, run_dir / "metrics.jsonl")
     assert len(_metrics(run_dir)) in (3, 4), "kill did not land mid-run"
     subprocess.run(_train_cmd(micro_teacher, run_dir, "--resume"), check=True, env=env, capture_output=True)
     ref, got = _metrics(ref_dir), _metrics(run_dir)
@@ -97,6 +100,43 @@ def test_resume_after_kill_continues_with_same_steps_and_data(micro_teacher, tmp
     ref_acc = json.loads((ref_dir / "summary.json").read_text())["accounting"]
     got_acc = json.loads((run_dir / "summary.json").read_text())["accounting"]
     assert ref_acc == got_acc and got_acc["prompts_consumed"] == 6 * 16
+
+
+@pytest.mark.slow
+def test_a_run_to_a_storage_uri_persists_there_and_resumes_after_a_kill(micro_teacher, tmp_path, capsys):
+    """train.out_dir=file:///... (pyarrow.fs: the same code as s3:// or gs://): the run works in a staging
+    directory and persists metrics, checkpoints, summary and final/ to the URI; SIGKILLed, `--resume` from the
+    URI repeats the uninterrupted run's losses; a fresh run into it is refused."""
+    from ar2dlm_ray.runs import RunStorage
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref_dir, store = tmp_path / "ref", tmp_path / "store" / "run"
+    uri = f"file://{store}"
+    staged = RunStorage(uri).local
+    assert not staged.is_relative_to(tmp_path), "the staging directory is not the URI's location"
+    subprocess.run(_train_cmd(micro_teacher, ref_dir), check=True, env=env, capture_output=True)
+    # The live log is the staged one; the URI gets it before each checkpoint.
+    _kill_after_step_3(_train_cmd(micro_teacher, uri), env, staged / "metrics.jsonl")
+    persisted = [m["step"] for m in _metrics(store)]
+    assert persisted in ([1, 2], [1, 2, 3, 4]), persisted
+    latest = json.loads((store / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    assert latest == f"step_{persisted[-1]:07d}" and (store / "checkpoints" / latest / "trainer_state.pt").is_file()
+    assert not (store / "summary.json").exists() and not (store / "final").exists()
+
+    subprocess.run(_train_cmd(micro_teacher, uri, "--resume"), check=True, env=env, capture_output=True)
+    ref, got = _metrics(ref_dir), _metrics(store)
+    assert [m["step"] for m in got] == list(range(1, 7))
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)) < 1e-5
+    summary = json.loads((store / "summary.json").read_text())
+    assert summary["final_student"] == f"{uri}/final" and (store / "final" / "ar2dlm_student.json").is_file()
+    assert summary["accounting"] == json.loads((ref_dir / "summary.json").read_text())["accounting"]
+    assert sorted(p.name for p in (store / "checkpoints").glob("step_*")) == ["step_0000004", "step_0000006"]
+    assert (store / "config.json").is_file() and list((store / "tensorboard").glob("events.*"))
+
+    capsys.readouterr()
+    assert _cli_train(micro_teacher, uri) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{uri} holds a previous run" in err and "\n" not in err, err
 
 
 def _cli_train(teacher, out_dir, *flags, **extra):
