@@ -17,41 +17,14 @@ from typing import Callable
 import torch
 
 from .config import RunConfig, dump_config
-from .curriculum import generation_length
 from .learner import Learner
 from .progress import Progress
-from .rollout import (RECIPES, PromptOrder, conversion_corpus, corpus_rollouts, encode_prompts, rollout_seed,
-                      student_rollouts, teacher_rollouts)
+from .rollout import RECIPES, X0Producer
 from .runs import RunStorage, StopRequest, check_run_dir, checkpoint_due, flops, prepare_run_dir, save_dir
-from .states import Rollout
-from .student import Student, convert, is_student_dir, load_causal_lm, load_student
+from .models import build_student, param_count, resolve_teacher_path
+from .student import load_student
 from .teacher import build_teacher
 from .tracking import Tracker
-
-
-def resolve_teacher_path(cfg: RunConfig, log: Callable = print) -> str:
-    """The teacher directory; 'micro' pretrains (or reuses) the cached micro teacher, 'gguf:<package>'
-    imports (or reuses) a packaged GGUF checkpoint."""
-    if cfg.model.teacher != "micro":
-        from .models import resolve_model
-
-        return resolve_model(cfg.model.teacher)
-    from .pretrain import pretrain_teacher
-
-    return str(pretrain_teacher(cfg.pretrain, cfg.data, log=log))
-
-
-def build_student(cfg: RunConfig, teacher_path: str) -> Student:
-    if cfg.model.student:
-        return load_student(cfg.model.student, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
-    if is_student_dir(teacher_path):
-        raise ValueError(f"model.teacher {teacher_path!r} is a converted student; give the original ARLM")
-    model, tokenizer = load_causal_lm(teacher_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
-    return convert(model, tokenizer, cfg.model.block_size, cfg.model.shift)
-
-
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 class LocalTrainer:
@@ -62,15 +35,8 @@ class LocalTrainer:
         self.teacher_path = resolve_teacher_path(cfg, log)
         self.student = build_student(cfg, self.teacher_path)
         self.teacher = build_teacher(cfg, self.teacher_path)
-        tok = self.student.tokenizer
-        self.pad_id = tok.pad_token_id
-        self.eos_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        self.prompts = encode_prompts(cfg, tok, self.teacher_path)
-        self.corpus = None
-        if self.recipe.source == "corpus":
-            self.corpus = conversion_corpus(cfg, tok, self.teacher_path, len(self.prompts))
-        self.order = PromptOrder(len(self.prompts), cfg.train.rollout_batch_size, cfg.train.seed)
-        self.total_steps = cfg.train.max_steps or self.order.batches_per_epoch
+        self.x0 = X0Producer(cfg, self.student, self.teacher, self.teacher_path)
+        self.total_steps = cfg.train.max_steps or self.x0.order.batches_per_epoch
         self.learner = Learner(self.student, cfg, self.total_steps)
         self.run_dir = RunStorage(cfg.train.out_dir)
         self.step, self.next_batch = 0, 0
@@ -79,18 +45,6 @@ class LocalTrainer:
                            "generated_tokens": 0}
         self.n_student = param_count(self.student.model)
         self.n_teacher = param_count(self.teacher.model) if hasattr(self.teacher, "model") else self.n_student
-
-    def produce(self, batch_index: int, indices: list[int], gen_len: int) -> tuple[list[Rollout], dict]:
-        """x0 for a rollout batch, from the recipe's source."""
-        seed = rollout_seed(self.cfg.train.seed, batch_index)
-        if self.recipe.source == "corpus":
-            bos = self.eos_ids[0] if self.eos_ids else self.pad_id
-            return corpus_rollouts(self.corpus, bos, indices, gen_len, seed), {"sampler_forwards": 0}
-        prompts = [self.prompts[i] for i in indices]
-        if self.recipe.source == "teacher":
-            return teacher_rollouts(self.teacher, prompts, indices, self.cfg, gen_len, seed), {"sampler_forwards": 0}
-        rollouts, forwards = student_rollouts(self.student, prompts, indices, self.cfg, gen_len, seed, self.step)
-        return rollouts, {"sampler_forwards": forwards}
 
     def run(self, resume: bool = False, after_batch: Callable[["LocalTrainer"], bool] | None = None,
             overwrite: bool = False, allow_change: tuple[str, ...] = ()) -> dict:
@@ -102,7 +56,7 @@ class LocalTrainer:
         if resumed:
             self._resume(*resumed)
         stop = StopRequest()
-        self.log(f"[train] recipe={cfg.train.recipe} steps={self.total_steps} prompts={len(self.prompts)} "
+        self.log(f"[train] recipe={cfg.train.recipe} steps={self.total_steps} prompts={len(self.x0.prompts)} "
                  f"student={self.n_student / 1e6:.2f}M params, block={self.student.spec.block_size} "
                  f"shift={self.student.spec.shift} start_step={self.step}")
         batch_index = self.next_batch
@@ -110,9 +64,8 @@ class LocalTrainer:
         tracker = Tracker(cfg, self.log)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            indices = self.order.indices(batch_index)
-            gen_len = generation_length(batch_index, cfg.curriculum, cfg.sampler.max_new_tokens)
-            rollouts, pstats = self.produce(batch_index, indices, gen_len)
+            x0 = self.x0.produce(batch_index, version=self.step)
+            rollouts, gen_len = x0.rollouts, x0.gen_len
             t1 = time.perf_counter()
             targets = None
             if self.recipe.distill:
@@ -120,10 +73,10 @@ class LocalTrainer:
             t2 = time.perf_counter()
             tokens = sum(len(r.tokens) for r in rollouts)
             acc = self.accounting
-            acc["prompts_consumed"] += len(indices)
+            acc["prompts_consumed"] += len(x0.indices)
             acc["rolled_out"] += len(rollouts)
             acc["scored"] += len(rollouts) if targets is not None else 0
-            acc["sampler_forwards"] += pstats["sampler_forwards"]
+            acc["sampler_forwards"] += x0.sampler_forwards
             acc["generated_tokens"] += tokens
             t3 = time.perf_counter()
             stats = self.learner.train_step(rollouts, targets, self.step)
@@ -136,7 +89,7 @@ class LocalTrainer:
                 "kl": stats["loss"] if self.recipe.distill and cfg.train.divergence == "forward_kl" else None,
                 "gen_len_limit": gen_len, "mean_gen_len": tokens / max(1, len(rollouts)),
                 "tokens_trained": acc["tokens_trained"],
-                "tokens_per_forward": (tokens / pstats["sampler_forwards"]) if pstats["sampler_forwards"] else None,
+                "tokens_per_forward": tokens / x0.sampler_forwards if x0.sampler_forwards else None,
                 "rollout_s": t1 - t0, "teacher_s": t2 - t1, "train_s": now - t3, "step_s": now - t0,
                 "tokens_per_s": tokens / (now - t0), **self.flops(),
             }

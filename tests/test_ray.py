@@ -149,7 +149,7 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
         # A rollout from a long-gone weight version arrives first: it must be regenerated, not trained on.
         ray.get(trainer.learners[0].publish.remote(0))
         stale = ray.get(trainer.workers[0].produce.remote(50, 0, to_queue=False))
-        stale["stats"]["version"] = -5
+        stale.stats.version = -5
         trainer.queue.put(stale)
         summary = trainer.run()
         after = {ray.get(a.info.remote())["pid"] for a in trainer.teachers + trainer.workers}
@@ -161,7 +161,7 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
     assert [m["step"] for m in metrics] == list(range(1, 7)) and all(math.isfinite(m["loss"]) for m in metrics)
     assert all(m["version_lag"] <= 1 for m in metrics)
     assert metrics[0]["batches"].count(50) == 1, "the regenerated batch is trained on"
-    assert acc["regenerated"] >= stale["stats"]["rolled_out"] > 0
+    assert acc["regenerated"] >= stale.stats.rolled_out > 0
     assert "worker" in killed and acc["retried"] >= 1, (killed, acc)
     assert len(before & after) == 2, "the two killed actors were restarted in new processes"
     assert acc["rolled_out"] >= acc["trained_on"] > 0 and acc["scored"] == acc["rolled_out"]
@@ -181,7 +181,7 @@ def test_stale_batch_is_dropped_and_duplicates_are_discarded(micro_teacher, tmp_
     try:
         ray.get(trainer.learners[0].publish.remote(0))
         stale = ray.get(trainer.workers[0].produce.remote(50, 0, to_queue=False))
-        stale["stats"]["version"] = -5
+        stale.stats.version = -5
         trainer.queue.put(stale)
         # Batch 0 delivered twice ahead of the driver's own delivery of it: a worker that died after putting
         # its batch, which the driver then had redone. It must be trained once.
@@ -196,8 +196,8 @@ def test_stale_batch_is_dropped_and_duplicates_are_discarded(micro_teacher, tmp_
     assert [m["step"] for m in metrics] == [1, 2, 3]
     trained = [b for m in metrics for b in m["batches"]]
     assert trained == [0, 1, 2], "each batch trained once, none lost"
-    assert acc["dropped_stale"] == stale["stats"]["rolled_out"] > 0 and acc["regenerated"] == 0
-    assert acc["discarded_duplicates"] == 2 * first["stats"]["rolled_out"]
+    assert acc["dropped_stale"] == stale.stats.rolled_out > 0 and acc["regenerated"] == 0
+    assert acc["discarded_duplicates"] == 2 * first.stats.rolled_out
     assert delivery["trained_ids"] == [0, 1, 2] and delivery["dropped_ids"] == [50]
     assert delivery["discarded_duplicates"] == 2 and delivery["discarded_ids"] == [0]
     assert delivery["consumed"] == 6 == delivery["trained"] + delivery["dropped"] + delivery["discarded_duplicates"]

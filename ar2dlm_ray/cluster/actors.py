@@ -17,14 +17,14 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from ..curriculum import generation_length
 from ..learner import Learner
-from ..rollout import (RECIPES, PromptOrder, conversion_corpus, corpus_rollouts, encode_prompts, rollout_seed,
-                       student_rollouts, teacher_rollouts)
+from ..rollout import RECIPES, X0Producer
 from ..runs import local_dir, save_dir
 from ..teacher import build_teacher
-from ..trainer import build_student, param_count
+from ..models import build_student, param_count
+from .admission import Admission
 from .delivery import LEDGER_NAME
+from .messages import ProduceStats, RolloutBatch
 from .metrics import Metrics
 from .rendezvous import host_store, join_store
 from .weights import REGISTRY_NAME, build_transport
@@ -143,59 +143,45 @@ class RolloutWorker:
         self.cfg, self.index, self.queue = cfg, index, queue
         self.recipe = RECIPES[cfg.train.recipe]
         self.student = build_student(cfg, teacher_path)
-        tok = self.student.tokenizer
-        self.prompts = encode_prompts(cfg, tok, teacher_path)
-        self.order = PromptOrder(len(self.prompts), cfg.train.rollout_batch_size, cfg.train.seed)
-        self.bos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
-        self.corpus = None
-        if self.recipe.source == "corpus":
-            self.corpus = conversion_corpus(cfg, tok, teacher_path, len(self.prompts))
         self.teacher = TeacherClient([ray.get_actor(n) for n in teacher_names], teacher_names, start=index,
                                      call_timeout_s=cfg.teacher.call_timeout_s)
+        self.x0 = X0Producer(cfg, self.student, self.teacher, teacher_path)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.version = -1  # always adopt the learner's first publication, so both start from the same weights
         self.metrics = Metrics("rollout", cfg.logging.run_name)
 
     def info(self) -> dict:
-        return {**_where(), "num_prompts": len(self.prompts), "params": param_count(self.student.model),
+        return {**_where(), "num_prompts": len(self.x0.prompts), "params": param_count(self.student.model),
                 "block_size": self.student.spec.block_size}
 
     def join_weights(self, addr: str, port: int, rank: int, world: int) -> None:
         """transport=collective: join the broadcast group (rank 0 is learner rank 0)."""
         self.transport.join(join_store(addr, port, world), rank, world, self.student.model)
 
-    def produce(self, batch_index: int, min_version: int, to_queue: bool = True) -> dict:
+    def produce(self, batch_index: int, min_version: int, to_queue: bool = True) -> ProduceStats | RolloutBatch:
+        """Roll out (and score) batch `batch_index` with weights of at least `min_version`; deliver it to the
+        learners' queue and return its stats, or (`to_queue=False`: regeneration) return the batch itself."""
         cfg = self.cfg
         t0 = time.perf_counter()
         self.version = self.transport.receive(self.student.model, self.version, min_version, cfg.ray.timeout_s)
         t1 = time.perf_counter()
-        indices = self.order.indices(batch_index)
-        gen_len = generation_length(batch_index, cfg.curriculum, cfg.sampler.max_new_tokens)
-        seed = rollout_seed(cfg.train.seed, batch_index)
-        forwards = 0
-        if self.recipe.source == "corpus":
-            rollouts = corpus_rollouts(self.corpus, self.bos, indices, gen_len, seed)
-        elif self.recipe.source == "teacher":
-            rollouts = teacher_rollouts(self.teacher, [self.prompts[i] for i in indices], indices, cfg, gen_len, seed)
-        else:
-            rollouts, forwards = student_rollouts(self.student, [self.prompts[i] for i in indices], indices, cfg,
-                                                  gen_len, seed, self.version)
+        x0 = self.x0.produce(batch_index, self.version)
+        rollouts = x0.rollouts
         t2 = time.perf_counter()
         retries_before = self.teacher.retries
         targets = self.teacher.score([(r.prompt_ids, r.tokens) for r in rollouts]) if self.recipe.distill else None
         t3 = time.perf_counter()
         tokens = sum(len(r.tokens) for r in rollouts)
-        stats = {"batch": batch_index, "version": self.version, "worker": self.index, "pid": os.getpid(),
-                 "gen_len": gen_len,
-                 "prompts_consumed": len(indices), "rolled_out": len(rollouts),
-                 "scored": len(rollouts) if targets is not None else 0, "sampler_forwards": forwards,
-                 "generated_tokens": tokens, "retried": self.teacher.retries - retries_before,
-                 "weights_s": t1 - t0, "rollout_s": t2 - t1, "teacher_s": t3 - t2}
+        stats = ProduceStats(batch=batch_index, version=self.version, worker=self.index, pid=os.getpid(),
+                             gen_len=x0.gen_len, prompts_consumed=len(x0.indices), rolled_out=len(rollouts),
+                             scored=len(rollouts) if targets is not None else 0, sampler_forwards=x0.sampler_forwards,
+                             generated_tokens=tokens, retried=self.teacher.retries - retries_before,
+                             weights_s=t1 - t0, rollout_s=t2 - t1, teacher_s=t3 - t2)
         self.metrics.inc("rollouts_total", len(rollouts))
         self.metrics.set("rollouts_per_s", len(rollouts) / max(t2 - t1, 1e-9))
         self.metrics.set("generated_tokens_per_s", tokens / max(t2 - t1, 1e-9))
-        self.metrics.inc("retries_total", stats["retried"])
-        item = {"rollouts": rollouts, "targets": targets, "stats": stats}
+        self.metrics.inc("retries_total", stats.retried)
+        item = RolloutBatch(rollouts, targets, stats)
         if not to_queue:
             return item
         self.queue.put(item, timeout=cfg.ray.timeout_s)
@@ -213,6 +199,7 @@ class LearnerWorker:
         self.cfg, self.rank, self.world, self.queue = cfg, rank, world, queue
         self.student = build_student(cfg, teacher_path)
         self.learner = Learner(self.student, cfg, total_steps)
+        self.admission = Admission.from_config(cfg, total_steps)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.ledger = ray.get_actor(LEDGER_NAME)
         # For regeneration; the handles are looked up on first use.
@@ -298,10 +285,10 @@ class LearnerWorker:
             item = self.queue.get(timeout=STARVED_S)
             if item is None:
                 return None
-            stats = item["stats"]
-            n = len(item["rollouts"])
-            fresh = step - stats["version"] <= cfg.max_staleness
-            if not ray.get(self.ledger.claim.remote(stats["batch"], "trained" if fresh or cfg.stale_policy ==
+            stats = item.stats
+            n = len(item.rollouts)
+            fresh = self.admission.fresh(step, stats.version)
+            if not ray.get(self.ledger.claim.remote(stats.batch, "trained" if fresh or cfg.stale_policy ==
                                                      "regenerate" else "dropped")):
                 # A second delivery of a batch already trained or dropped (its first producer died after
                 # delivering, and the driver had it redone): train it at most once.
@@ -319,7 +306,7 @@ class LearnerWorker:
             if not self.workers.handles:
                 self.workers.handles = [ray.get_actor(name) for name in self.workers.names]
             retries = self.workers.retries
-            item = self.workers._call("produce", stats["batch"], newest, to_queue=False)
+            item = self.workers._call("produce", stats.batch, newest, to_queue=False)
             counts["regenerated"] += n
             counts["retried"] += self.workers.retries - retries
             self.metrics.inc("regenerated_total", n)
@@ -333,13 +320,13 @@ class LearnerWorker:
         if item is None:
             return {**counts, "starved": True}
         t_data = time.perf_counter()
-        rollouts, targets, produced = item["rollouts"], item["targets"], item["stats"]
+        rollouts, targets, produced = item.rollouts, item.targets, item.stats
         out = self.learner.train_step(rollouts, targets, step)
         now = time.perf_counter()
         publish_s = None
         if self.rank == 0 and (step + 1) % self.cfg.learner.publish_every == 0:
             publish_s = self.publish(step + 1)
-        lag = step - produced["version"]
+        lag = step - produced.version
         self.metrics.set("learner_step_s", now - t_data)
         self.metrics.set("loss", out["loss"])
         self.metrics.set("version_lag", lag)
