@@ -126,6 +126,9 @@ def cmd_demo(args) -> None:
     from .trainer import LocalTrainer
 
     cfg = load_config(args.config, args.overrides)
+    if "://" in cfg.train.out_dir:
+        raise ConfigError(f"ar2dlm demo writes its samples and table beside the run: give a local train.out_dir, "
+                          f"not the storage URI {cfg.train.out_dir!r} (`ar2dlm train` takes URIs)")
     check_run_dir(Path(cfg.train.out_dir), cfg.logging.metrics_file, False, args.overwrite)  # before any work
     start = time.perf_counter()
     teacher_path = resolve_teacher_path(cfg, _log)
