@@ -2,8 +2,11 @@
 in one run. Every rollout batch the learner needed is trained exactly once (or dropped as stale, and
 counted), never twice, never lost; the accounting adds up."""
 
+import contextlib
 import json
+import os
 import random
+import signal
 import threading
 import time
 
@@ -13,6 +16,25 @@ import ray
 from ar2dlm_ray.config import load_config
 
 from test_ray import ray_overrides
+
+
+@contextlib.contextmanager
+def _stalled(pid: int):
+    """The process stops answering (SIGSTOP), as a hung actor does; it is killed afterwards if Ray has not."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _closing(trainer):
+    try:
+        yield
+    finally:
+        trainer.close()
 
 
 @pytest.fixture(scope="module")
@@ -100,27 +122,17 @@ def test_a_worker_out_of_restarts_ends_the_run_with_one_line(micro_teacher, tmp_
 @pytest.mark.slow
 def test_a_stalled_teacher_is_abandoned_restarted_and_the_call_retried(micro_teacher, tmp_path, local_ray):
     """A teacher replica that stops answering (SIGSTOP) costs one call deadline, not the run."""
-    import os
-    import signal
-
     from ar2dlm_ray.cluster.driver import RayTrainer
 
     cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
         "train.max_steps": 4, "teacher.num_replicas": 2, "teacher.call_timeout_s": 3}))
     trainer = RayTrainer(cfg, lambda *a: None)
     stopped = trainer.placement["teacher"][1]["pid"]
-    os.kill(stopped, signal.SIGSTOP)
-    try:
+    with _stalled(stopped), _closing(trainer):
         start = time.monotonic()
         summary = trainer.run()
         wall = time.monotonic() - start
         now = ray.get(trainer.teachers[1].info.remote())["pid"]
-    finally:
-        trainer.close()
-        try:
-            os.kill(stopped, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert now != stopped, "the stalled replica was restarted"
     assert summary["accounting"]["retried"] >= 1 and summary["steps"] == 4
     assert wall < cfg.ray.timeout_s / 10, wall
@@ -142,25 +154,14 @@ def test_an_unreachable_ray_address_fails_fast_with_one_line():
 
 @pytest.mark.slow
 def test_a_stalled_rollout_worker_is_restarted_and_its_batch_redone(micro_teacher, tmp_path, local_ray):
-    import os
-    import signal
-
     from ar2dlm_ray.cluster.driver import RayTrainer
 
     cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
         "train.max_steps": 5, "rollout.num_workers": 2, "rollout.call_timeout_s": 8}))
     logs: list[str] = []
     trainer = RayTrainer(cfg, logs.append)
-    stopped = trainer.placement["rollout"][1]["pid"]
-    os.kill(stopped, signal.SIGSTOP)
-    try:
+    with _stalled(trainer.placement["rollout"][1]["pid"]), _closing(trainer):
         summary = trainer.run()
-    finally:
-        trainer.close()
-        try:
-            os.kill(stopped, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     trained = summary["delivery"]["trained_ids"]
     assert summary["steps"] == 5 and trained == list(range(5))
     assert any("rollout-1 has not delivered batch" in line for line in logs), logs
