@@ -37,9 +37,9 @@ from .metrics import Metrics
 from .placement import reserve
 from .weights import REGISTRY_NAME, WeightRegistry
 
+QUEUE_NAME = "rollout-queue"
 ACCOUNTING_KEYS = ("prompts_consumed", "rolled_out", "scored", "trained_on", "dropped_stale", "discarded_duplicates",
-                   "regenerated",
-                   "retried", "tokens_trained", "sampler_forwards", "generated_tokens")
+                   "regenerated", "retried", "tokens_trained", "sampler_forwards", "generated_tokens")
 
 
 def connect(cfg: RunConfig, log: Callable = print) -> bool:
@@ -95,6 +95,9 @@ class RayTrainer:
             self._start_pools(cfg)
         except BaseException:
             self.reservation.release()  # also ends the pool actors that did start
+            for name in (REGISTRY_NAME, LEDGER_NAME, QUEUE_NAME):  # outside the reservation
+                if _exists(name):
+                    ray.kill(ray.get_actor(name), no_restart=True)
             raise
 
     def _start_pools(self, cfg: RunConfig) -> None:
@@ -105,7 +108,7 @@ class RayTrainer:
         self.registry = ray.remote(WeightRegistry).options(name=REGISTRY_NAME, num_cpus=0).remote()
         self.ledger = ray.remote(DeliveryLedger).options(name=LEDGER_NAME, num_cpus=0).remote()
         # Slack beyond queue_size for a batch delivered twice (its worker died after putting it).
-        self.queue = BatchQueue(cfg.ray.queue_size + cfg.rollout.num_workers, "rollout-queue")
+        self.queue = BatchQueue(cfg.ray.queue_size + cfg.rollout.num_workers, QUEUE_NAME)
         teacher_names = [f"teacher-{i}" for i in range(cfg.teacher.num_replicas)]
         placed = self.reservation.options
         self.teachers = [ray.remote(TeacherServer).options(**placed("teacher", cfg.teacher.pool, i, n)).remote(
@@ -356,7 +359,7 @@ class RayTrainer:
 
     def close(self) -> None:
         """Stop the pools (they would die with a job's driver anyway, but not in a shared Ray)."""
-        names = [REGISTRY_NAME, LEDGER_NAME, "rollout-queue"] + [f"{kind}-{i}" for kind, pool in
+        names = [REGISTRY_NAME, LEDGER_NAME, QUEUE_NAME] + [f"{kind}-{i}" for kind, pool in
                                                     (("teacher", self.teachers), ("rollout", self.workers),
                                                      ("learner", self.learners)) for i in range(len(pool))]
         for actor in [*self.learners, *self.workers, *self.teachers, self.registry, self.ledger, self.queue.actor]:
