@@ -168,6 +168,12 @@ def cmd_bench(args) -> None:
 
     if args.what == "teacher":
         return _bench_teacher(args)
+    if args.what == "weights":
+        from .cluster.bench_weights import bench_weights
+
+        # --json: stdout carries only the result JSON; the progress lines go to stderr.
+        log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else _log
+        return _report(bench_weights(args.params, args.dtype, args.repeats, log=log), args.out)
     if args.what == "pipeline":
         from .cluster.bench import bench_pipeline
 
@@ -361,10 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="rerunnable benchmarks (ratios measured side by side in one run)")
-    p.add_argument("what", choices=["sampler", "pipeline", "teacher"],
+    p.add_argument("what", choices=["sampler", "pipeline", "teacher", "weights"],
                    help="sampler: KV-cached decoding vs full recomputation; "
                         "pipeline: the Ray run synchronous vs asynchronous (trained tokens/s, learner busy fraction); "
-                        "teacher: HF vs vLLM scoring tokens/s on the config's teacher and each --model")
+                        "teacher: HF vs vLLM scoring tokens/s on the config's teacher and each --model; "
+                        "weights: both weight transports at --params against raw gloo")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--model", default=None, action="append",
                    help="sampler: a student directory (default: convert the config's teacher); teacher: an extra AR "
@@ -375,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--out", default=None, type=_out_file, help="also write the result JSON here")
+    p.add_argument("--params", type=float, default=0.6e9, help="weights: parameters of the published state")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights")
+    p.add_argument("--json", action="store_true", help="weights: print only the result JSON on stdout")
     _add_overrides(p)
     p.set_defaults(func=cmd_bench)
 
