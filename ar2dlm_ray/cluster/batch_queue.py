@@ -22,17 +22,21 @@ class _QueueActor:
     def qsize(self) -> int:
         return self.queue.qsize()
 
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can time out after the inner get has already
+    # taken its item, and that rollout batch would be lost.
     async def put(self, item, timeout: float | None) -> bool:
         try:
-            await asyncio.wait_for(self.queue.put(item), timeout)
+            async with asyncio.timeout(timeout):
+                await self.queue.put(item)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def get(self, timeout: float):
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                return await self.queue.get()
+        except TimeoutError:
             return None
 
     def get_nowait(self):
