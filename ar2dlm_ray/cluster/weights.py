@@ -98,8 +98,13 @@ class CollectiveTransport:
         self.registry, self.bucket_bytes = registry, bucket_mb << 20
         self.group = None
         self.cond = threading.Condition()
-        self.pending: tuple[int, list[torch.Tensor]] | None = None  # sender: newest snapshot not yet sent
-        self.staged: tuple[int, list[torch.Tensor]] | None = None  # receiver: newest complete version
+        # Both sides keep two flat snapshots, allocated once and reused (a fresh 1 GB allocation per version
+        # cost more than the copy): one is on the wire while the other is written (sender) or read (receiver).
+        self.snapshots: list[list[torch.Tensor]] = []
+        self.sending: int | None = None  # the snapshot being broadcast
+        self.reading: int | None = None  # receiver: the snapshot being copied into the model
+        self.pending: tuple[int, int] | None = None  # (version, snapshot) to send next
+        self.staged: tuple[int, int] | None = None  # receiver: (version, snapshot) newest complete
         self.error: BaseException | None = None
 
     def join(self, store, rank: int, world: int, model) -> None:
@@ -118,17 +123,28 @@ class CollectiveTransport:
                 self.error = exc
                 self.cond.notify_all()
 
-    def _flat(self, state: dict) -> list[torch.Tensor]:
-        return [torch.cat([state[k].detach().reshape(-1).cpu() for k in bucket]) for bucket in self.layout]
+    def _flat_pair(self, state: dict) -> list[list[torch.Tensor]]:
+        return [[torch.empty(sum(state[k].numel() for k in bucket), dtype=state[bucket[0]].dtype)
+                 for bucket in self.layout] for _ in range(2)]
+
+    def _flat_into(self, index: int, state: dict) -> None:
+        if not self.snapshots:
+            self.snapshots = self._flat_pair(state)
+        for flat, bucket in zip(self.snapshots[index], self.layout):
+            torch.cat([state[k].detach().reshape(-1).cpu() for k in bucket], out=flat)
 
     # learner rank 0
     def publish(self, model, version: int) -> float:
         start = time.perf_counter()
         if self.error is not None:
             raise RuntimeError("the weight broadcast group failed") from self.error
-        snapshot = self._flat(model.state_dict())  # the copy is the only part the learner waits for
         with self.cond:
-            self.pending = (version, snapshot)
+            index = 1 if self.sending == 0 else 0  # never the snapshot being sent
+            if self.pending is not None and self.pending[1] == index:
+                self.pending = None  # an unsent older version: overwritten by this one
+        self._flat_into(index, model.state_dict())  # the copy is the only part the learner waits for
+        with self.cond:
+            self.pending = (version, index)
             self.cond.notify_all()
         self.registry.publish.remote(version, [None])
         return time.perf_counter() - start
@@ -137,24 +153,29 @@ class CollectiveTransport:
         while True:
             with self.cond:
                 self.cond.wait_for(lambda: self.pending is not None)
-                version, buckets = self.pending
+                version, self.sending = self.pending
                 self.pending = None
             self.group.broadcast(torch.tensor([version], dtype=torch.long), 0).wait()
-            for bucket in buckets:
+            for bucket in self.snapshots[self.sending]:
                 self.group.broadcast(bucket, 0).wait()
+            with self.cond:
+                self.sending = None
 
     # rollout workers
     def _receive_loop(self, state) -> None:
-        shapes = [[state[k].numel() for k in bucket] for bucket in self.layout]
+        self.snapshots = self._flat_pair(state)
+        target = 0
         while True:
             header = torch.zeros(1, dtype=torch.long)
             self.group.broadcast(header, 0).wait()
-            buckets = [torch.empty(sum(n), dtype=state[b[0]].dtype) for b, n in zip(self.layout, shapes)]
-            for bucket in buckets:
-                self.group.broadcast(bucket, 0).wait()
             with self.cond:
-                self.staged = (int(header), buckets)
+                self.cond.wait_for(lambda: self.reading != target)
+            for flat in self.snapshots[target]:
+                self.group.broadcast(flat, 0).wait()
+            with self.cond:
+                self.staged = (int(header), target)
                 self.cond.notify_all()
+            target = 1 - target
 
     def receive(self, model, current: int, min_version: int, timeout: float | None = None) -> int:
         if self.group is None:
@@ -166,16 +187,23 @@ class CollectiveTransport:
                 raise TimeoutError(f"weight version {min_version} did not arrive in {timeout}s")
             if self.error is not None:
                 raise RuntimeError("the weight broadcast group failed") from self.error
-            version, buckets = self.staged
-        if version > current:
+            version, index = self.staged
+            if version <= current:
+                return version
+            self.reading = index
+        try:
             state = model.state_dict()
             with torch.no_grad():
-                for bucket, flat in zip(self.layout, buckets):
+                for bucket, flat in zip(self.layout, self.snapshots[index]):
                     offset = 0
                     for key in bucket:
                         n = state[key].numel()
                         state[key].copy_(flat[offset:offset + n].view_as(state[key]))
                         offset += n
+        finally:
+            with self.cond:
+                self.reading = None
+                self.cond.notify_all()
         return version
 
 
