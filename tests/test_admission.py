@@ -12,7 +12,7 @@ def simulate(learners, publish_every, max_staleness, queue_size, total_steps, st
     rule = Admission(learners, publish_every, max_staleness, queue_size, total_steps, start_step)
     queue, trained, deepest, next_batch = [], [], 0, 0
     for step in range(start_step, total_steps):
-        rule.start_step_taken()
+        rule.step_started()
         while rule.admit(step):
             queue.append((next_batch, rule.published(step)))
             next_batch += 1
@@ -49,7 +49,7 @@ def test_a_resumed_run_waits_for_its_own_first_version():
 
 def test_dropped_batches_are_replaced():
     rule = Admission(learners=1, publish_every=1, max_staleness=1, queue_size=2, total_steps=5)
-    rule.start_step_taken()
+    rule.step_started()
     admitted = sum(rule.admit(0) for _ in range(10))
     rule.replace_dropped(1)
     assert rule.admit(0) and admitted == 2

@@ -42,7 +42,7 @@ class Admission:
         """The step that will train the next batch submitted now."""
         return step if self.ahead < 0 else step + 1 + self.ahead // self.learners
 
-    def start_step_taken(self) -> None:
+    def step_started(self) -> None:
         """A step starts: every rank takes a new batch."""
         self.demand += self.learners
 

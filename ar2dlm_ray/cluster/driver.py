@@ -224,7 +224,7 @@ class RayTrainer:
         stop = StopRequest()
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            self.admission.start_step_taken()
+            self.admission.step_started()
             results = self._step_all()
             now = time.perf_counter()
             record = self._record(results, now - t0)
