@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import warnings
 from datetime import timedelta
 
 import ray
@@ -53,25 +54,107 @@ class WeightRegistry:
         return self.newest
 
 
+def _pack(state: dict, keys: list[str], flat: torch.Tensor) -> None:
+    """The tensors `keys` of `state`, one after another, into `flat` (on the CPU; from any device)."""
+    offset = 0
+    for key in keys:
+        t = state[key].detach()
+        flat[offset:offset + t.numel()].view(t.shape).copy_(t)
+        offset += t.numel()
+
+
+def _unpack(flat: torch.Tensor, state: dict, keys: list[str]) -> None:
+    """Inverse of `_pack`: `flat`'s consecutive slices into the tensors `keys` of `state`, in place."""
+    offset = 0
+    with torch.no_grad():
+        for key in keys:
+            t = state[key]
+            t.copy_(flat[offset:offset + t.numel()].view(t.shape))
+            offset += t.numel()
+
+
+def _flat_for(state: dict, keys: list[str]) -> torch.Tensor:
+    """An empty flat CPU buffer for `keys` (pinned when they live on a GPU, for a fast device-to-host copy)."""
+    first = state[keys[0]]
+    return torch.empty(sum(state[k].numel() for k in keys), dtype=first.dtype,
+                       pin_memory=first.is_cuda and torch.cuda.is_available())
+
+
 class ObjectStoreTransport:
-    """Weights as one object in the Ray object store; the reference rides in the registry."""
+    """Weights as one flat object per dtype in the Ray object store; the references ride in the registry.
+
+    `publish` only copies the state into one of two flat snapshots, allocated once and reused; a
+    background thread `ray.put`s it (as a uint8 numpy array: one memory copy into the store, where a
+    state dict of torch tensors is pickled in-band, several times slower) and then tells the registry.
+    On the receiver `ray.get` of the flat arrays maps them from the node's store without a copy; their
+    slices are copied into the model.
+    """
 
     name = "object_store"
 
     def __init__(self, registry):
         self.registry = registry
+        self.layout: list[tuple[torch.dtype, list[str]]] | None = None  # one flat buffer per dtype
+        self.cond = threading.Condition()
+        self.snapshots: list[list[torch.Tensor]] = []
+        self.putting: int | None = None  # the snapshot being written to the object store
+        self.pending: tuple[int, int] | None = None  # (version, snapshot) to put next
+        self.error: BaseException | None = None
 
+    # learner rank 0
     def publish(self, model, version: int) -> float:
         start = time.perf_counter()
-        ref = ray.put({k: v.detach() for k, v in model.state_dict().items()})
-        # Wrapped in a list so Ray passes the reference itself (the registry borrows it) instead of the value.
-        self.registry.publish.remote(version, [ref])
+        if self.error is not None:
+            raise RuntimeError("the weight publication thread failed") from self.error
+        state = model.state_dict()
+        if self.layout is None:
+            groups: dict[torch.dtype, list[str]] = {}
+            for key, t in state.items():
+                groups.setdefault(t.dtype, []).append(key)
+            self.layout = list(groups.items())
+            self.snapshots = [[_flat_for(state, keys) for _, keys in self.layout] for _ in range(2)]
+            threading.Thread(target=self._guarded, daemon=True, name="weights-put").start()
+        with self.cond:
+            index = 1 if self.putting == 0 else 0  # never the snapshot being put
+            if self.pending is not None and self.pending[1] == index:
+                self.pending = None  # an unput older version: overwritten by this one
+        for flat, (_, keys) in zip(self.snapshots[index], self.layout):
+            _pack(state, keys, flat)  # the copy is the only part the learner waits for
+        with self.cond:
+            self.pending = (version, index)
+            self.cond.notify_all()
         return time.perf_counter() - start
 
+    def _guarded(self) -> None:
+        try:
+            self._put_loop()
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the learner on its next publish
+            self.error = exc
+
+    def _put_loop(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.pending is not None)
+                version, self.putting = self.pending
+                self.pending = None
+            refs = [ray.put(flat.view(torch.uint8).numpy()) for flat in self.snapshots[self.putting]]
+            with self.cond:
+                self.putting = None
+            # The refs inside a list: Ray passes the references themselves (the registry borrows them).
+            self.registry.publish.remote(version, [[(dtype, keys) for dtype, keys in self.layout], *refs])
+
+    # rollout workers
     def receive(self, model, current: int, min_version: int, timeout: float | None = None) -> int:
         version, payload = ray.get(self.registry.latest.remote(min_version, timeout))
         if version > current:
-            model.load_state_dict(ray.get(payload[0]))
+            layout, arrays = payload[0], ray.get(payload[1:])
+            state = model.state_dict()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # only read here
+                flats = [torch.from_numpy(a).view(dtype) for a, (dtype, _) in zip(arrays, layout)]
+            for flat, (_, keys) in zip(flats, layout):
+                _unpack(flat, state, keys)
+            del flats, arrays  # release the store's buffers
         return version
 
 
