@@ -295,6 +295,28 @@ class LearnerGroupConfig(PoolResources):
         return self
 
 
+class AutoscaleConfig(_Strict):
+    """mode=ray: size the rollout and teacher pools from their backlog while the job runs (autoscale.py)."""
+
+    enabled: bool = False
+    interval_s: float = Field(60.0, gt=0, description="seconds between decisions; each judges the last interval")
+    rollout: tuple[int, int] = Field((1, 8), description="[min, max] rollout workers")
+    teacher: tuple[int, int] = Field((1, 4), description="[min, max] teacher replicas")
+    grow_above_wait: float = Field(0.10, ge=0, le=1, description="grow the busiest producer pool when the "
+                                                                 "learners waited more than this fraction")
+    shrink_below_wait: float = Field(0.02, ge=0, le=1, description="shrink an underused producer pool when the "
+                                                                   "learners waited less than this fraction")
+    shrink_below_busy: float = Field(0.5, ge=0, le=1, description="underused: its actors busy less than this")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "AutoscaleConfig":
+        for pool in ("rollout", "teacher"):
+            low, high = getattr(self, pool)
+            if not 1 <= low <= high:
+                raise ValueError(f"ray.autoscale.{pool} [{low}, {high}] must be [min, max] with 1 <= min <= max")
+        return self
+
+
 class RayConfig(_Strict):
     address: str | None = Field(None, description="cluster address; default: $RAY_ADDRESS, else an embedded Ray")
     namespace: str = "ar2dlm"
@@ -302,12 +324,14 @@ class RayConfig(_Strict):
     dashboard_host: str = Field("127.0.0.1", description="embedded Ray: where the dashboard listens")
     num_cpus: int | None = Field(None, gt=0, description="embedded Ray: logical CPUs (default: the machine's)")
     metrics_export_port: int | None = Field(None, gt=0, description="embedded Ray: Prometheus export port")
-    queue_size: int = Field(4, gt=0, description="rollout batches buffered between producers and learners")
+    queue_size: int = Field(4, gt=0, description="rollout batches buffered for the learners, beyond one in "
+                                                  "progress per rollout worker and teacher replica")
     actor_threads: int = Field(1, gt=0, description="torch threads per actor")
     timeout_s: float = Field(900.0, gt=0, description="longest wait for a rollout batch or a learner step")
     connect_timeout_s: float = Field(30.0, gt=0, description="ray.address: how long to try reaching the cluster")
     startup_timeout_s: float = Field(600.0, gt=0, description="how long to wait for the cluster to offer every "
                                                               "pool's resources (an autoscaler adding nodes)")
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
 
 
 class RunConfig(_Strict):

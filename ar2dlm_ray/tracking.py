@@ -61,7 +61,8 @@ class Tracker:
 
     def log(self, step: int, record: dict) -> None:
         scalars = {tag: float(record[key]) for key, tag in SCALARS.items() if record.get(key) is not None}
-        scalars.update({f"ray/pool_size/{pool}": float(n) for pool, n in self.pools.items()})
+        scalars.update({f"ray/pool_size/{pool}": float(n) for pool, n in (record.get("pools") or self.pools).items()})
+        scalars.update({f"ray/busy/{pool}": float(f) for pool, f in (record.get("busy") or {}).items()})
         updates = [u["loss"] for u in record.get("updates") or []]
         if self.tb is not None:
             for tag, value in scalars.items():

@@ -133,17 +133,17 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
         "learner.max_staleness": 1, "learner.stale_policy": "regenerate", "train.checkpoint_every": 3}))
     killed = {}
     trainer = RayTrainer(cfg, lambda *a: None)
-    submit = trainer._submit
+    call = trainer._call
 
-    def submit_then_kill(batch, *args):
+    def call_then_kill(member, ref, kind, batch=None, attempt=0):
         # Fault injection: the worker dies with this batch in flight, and a teacher replica dies too.
-        submit(batch, *args)
-        if batch == 5 and not killed:
-            killed["worker"] = f"rollout-{batch % 2}"
-            ray.kill(ray.get_actor(killed["worker"]), no_restart=False)
+        call(member, ref, kind, batch, attempt)
+        if kind == "produce" and batch == 5 and not killed:
+            killed["worker"] = member.name
+            ray.kill(member.handle, no_restart=False)
             ray.kill(ray.get_actor("teacher-1"), no_restart=False)
 
-    trainer._submit = submit_then_kill
+    trainer._call = call_then_kill
     try:
         before = {a["pid"] for a in trainer.placement["teacher"] + trainer.placement["rollout"]}
         # A rollout from a long-gone weight version arrives first: it must be regenerated, not trained on.

@@ -1,9 +1,11 @@
 """The actors: thin shells around the core modules (rollout.py, teacher.py, learner.py).
 
-- TeacherServer: a frozen teacher backend (`build_teacher`) answering `score` and `generate`.
+- TeacherServer: a frozen teacher backend (`build_teacher`). `pull` leases the next unscored rollout batch
+  from `score-queue`, scores it and delivers it to the learners' queue; `score` and `generate` answer
+  direct calls (teacher-generated x0, regenerated batches).
 - RolloutWorker: a student copy; `produce(batch_index, min_version)` adopts the newest weights (at least
-  `min_version`), rolls out with the core sources, has the teacher score the result and puts one item
-  on the queue.
+  `min_version`), rolls out with the core sources and hands the batch to `score-queue` (or, for recipes
+  without teacher targets, to the learners' queue); it is free for its next batch at once.
 - LearnerWorker: one rank of the learner group; `train(step)` takes a rollout batch from the queue,
   checks its staleness and runs `Learner.train_step`; rank 0 publishes weights.
 """
@@ -23,8 +25,9 @@ from ..runs import local_dir, save_dir
 from ..teacher import build_teacher
 from ..models import build_student, param_count
 from .admission import Admission
+from .controller import current_members
 from .delivery import LEDGER_NAME
-from .messages import ProduceStats, RolloutBatch
+from .messages import ProduceStats, RolloutBatch, ScoreStats
 from .metrics import Metrics
 from .rendezvous import host_store, join_store
 from .weights import REGISTRY_NAME, build_transport
@@ -43,8 +46,9 @@ def _where() -> dict:
 
 
 class TeacherServer:
-    def __init__(self, cfg, teacher_path: str):
+    def __init__(self, cfg, teacher_path: str, inbox=None, outbox=None):
         _setup_process(cfg.ray.actor_threads)
+        self.cfg, self.inbox, self.outbox = cfg, inbox, outbox
         self.backend = build_teacher(cfg, teacher_path)
         self.metrics = Metrics("teacher", cfg.logging.run_name)
         self.served = {"score_calls": 0, "sequences": 0, "tokens": 0}
@@ -71,18 +75,45 @@ class TeacherServer:
     def generate(self, prompts, max_new_tokens: int, temperature: float, seed: int):
         return self.backend.generate(prompts, max_new_tokens, temperature, seed)
 
+    def pull(self, holder: str, wait_s: float) -> ScoreStats | None:
+        """Score the next batch waiting in the inbox and deliver it to the outbox; None when none came
+        within `wait_s` (short, so that direct calls queued behind this one are not held up long). The batch
+        is leased under `holder` until delivered: if this replica dies first, the driver puts it back."""
+        item = self.inbox.get(wait_s, holder=holder)
+        if item is None:
+            return None
+        start = time.perf_counter()
+        item.targets = self.score([(r.prompt_ids, r.tokens) for r in item.rollouts])
+        stats = item.stats
+        stats.scored, stats.teacher_s = len(item.rollouts), time.perf_counter() - start
+        self.outbox.put(item, timeout=self.cfg.ray.timeout_s)
+        self.inbox.ack(holder, stats.batch)
+        return ScoreStats(batch=stats.batch, replica=holder, scored=stats.scored, teacher_s=stats.teacher_s,
+                          tokens=sum(len(r.prompt_ids) + len(r.tokens) for r in item.rollouts))
+
 
 class RoundRobin:
     """A pool of interchangeable actors: calls go round-robin; a call whose actor died (or is restarting)
     is retried on the next one while Ray restarts it, and counted in `retries`. A call that takes longer than
     `call_timeout_s` is abandoned: its actor is named in the log and killed (Ray restarts it), and the call
-    goes to the next one."""
+    goes to the next one. The pool can be resized while a job runs: when every attempt failed, the client
+    takes the pool's current members from the pool controller and tries once more."""
 
-    def __init__(self, handles: list, names: list[str], start: int = 0, attempts: int = 8,
+    def __init__(self, names: list[str], pool: str, start: int = 0, attempts: int = 8,
                  call_timeout_s: float | None = None):
-        self.handles, self.names, self.next, self.attempts = handles, names, start, attempts
+        self.names, self.pool, self.next, self.attempts = names, pool, start, attempts
+        self._handles: list | None = None  # looked up on first use
         self.call_timeout_s = call_timeout_s
         self.retries = 0
+
+    @property
+    def handles(self) -> list:
+        if self._handles is None:
+            try:
+                self._handles = [ray.get_actor(n) for n in self.names]
+            except ValueError:  # a member scaled away meanwhile: the caller refreshes the names
+                raise RayActorError() from None
+        return self._handles
 
     def _pick(self) -> int:
         index = self.next % len(self.handles)
@@ -100,6 +131,16 @@ class RoundRobin:
             raise RayActorError() from None
 
     def _call(self, method: str, *args, **kwargs):
+        try:
+            return self._attempts(method, *args, **kwargs)
+        except RayActorError:
+            names = current_members(self.pool)
+            if not names or names == self.names:
+                raise
+            self.names, self._handles = names, None
+            return self._attempts(method, *args, **kwargs)
+
+    def _attempts(self, method: str, *args, **kwargs):
         for attempt in range(self.attempts):
             index = self._pick()
             try:
@@ -138,13 +179,12 @@ class TeacherClient(RoundRobin):
 
 
 class RolloutWorker:
-    def __init__(self, cfg, teacher_path: str, index: int, teacher_names: list[str], queue):
+    def __init__(self, cfg, teacher_path: str, index: int, teacher_names: list[str], queue, score_queue):
         _setup_process(cfg.ray.actor_threads)
-        self.cfg, self.index, self.queue = cfg, index, queue
+        self.cfg, self.index, self.queue, self.score_queue = cfg, index, queue, score_queue
         self.recipe = RECIPES[cfg.train.recipe]
         self.student = build_student(cfg, teacher_path)
-        self.teacher = TeacherClient([ray.get_actor(n) for n in teacher_names], teacher_names, start=index,
-                                     call_timeout_s=cfg.teacher.call_timeout_s)
+        self.teacher = TeacherClient(teacher_names, "teacher", start=index, call_timeout_s=cfg.teacher.call_timeout_s)
         self.x0 = X0Producer(cfg, self.student, self.teacher, teacher_path)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.version = -1  # always adopt the learner's first publication, so both start from the same weights
@@ -159,8 +199,9 @@ class RolloutWorker:
         self.transport.join(join_store(addr, port, world), rank, world, self.student.model)
 
     def produce(self, batch_index: int, min_version: int, to_queue: bool = True) -> ProduceStats | RolloutBatch:
-        """Roll out (and score) batch `batch_index` with weights of at least `min_version`; deliver it to the
-        learners' queue and return its stats, or (`to_queue=False`: regeneration) return the batch itself."""
+        """Roll out batch `batch_index` with weights of at least `min_version` and hand it on (to be scored,
+        or straight to the learners) and return its stats; or (`to_queue=False`: regeneration) score it here
+        and return the batch itself."""
         cfg = self.cfg
         t0 = time.perf_counter()
         self.version = self.transport.receive(self.student.model, self.version, min_version, cfg.ray.timeout_s)
@@ -168,23 +209,24 @@ class RolloutWorker:
         x0 = self.x0.produce(batch_index, self.version)
         rollouts = x0.rollouts
         t2 = time.perf_counter()
-        retries_before = self.teacher.retries
-        targets = self.teacher.score([(r.prompt_ids, r.tokens) for r in rollouts]) if self.recipe.distill else None
-        t3 = time.perf_counter()
         tokens = sum(len(r.tokens) for r in rollouts)
         stats = ProduceStats(batch=batch_index, version=self.version, worker=self.index, pid=os.getpid(),
                              gen_len=x0.gen_len, prompts_consumed=len(x0.indices), rolled_out=len(rollouts),
-                             scored=len(rollouts) if targets is not None else 0, sampler_forwards=x0.sampler_forwards,
-                             generated_tokens=tokens, retried=self.teacher.retries - retries_before,
-                             weights_s=t1 - t0, rollout_s=t2 - t1, teacher_s=t3 - t2)
+                             scored=0, sampler_forwards=x0.sampler_forwards, generated_tokens=tokens, retried=0,
+                             weights_s=t1 - t0, rollout_s=t2 - t1, teacher_s=0.0)
         self.metrics.inc("rollouts_total", len(rollouts))
         self.metrics.set("rollouts_per_s", len(rollouts) / max(t2 - t1, 1e-9))
         self.metrics.set("generated_tokens_per_s", tokens / max(t2 - t1, 1e-9))
-        self.metrics.inc("retries_total", stats.retried)
-        item = RolloutBatch(rollouts, targets, stats)
+        item = RolloutBatch(rollouts, None, stats)
         if not to_queue:
+            if self.recipe.distill:
+                retries_before = self.teacher.retries
+                item.targets = self.teacher.score([(r.prompt_ids, r.tokens) for r in rollouts])
+                stats.scored, stats.teacher_s = len(rollouts), time.perf_counter() - t2
+                stats.retried = self.teacher.retries - retries_before
+                self.metrics.inc("retries_total", stats.retried)
             return item
-        self.queue.put(item, timeout=cfg.ray.timeout_s)
+        (self.score_queue if self.recipe.distill else self.queue).put(item, timeout=cfg.ray.timeout_s)
         return stats
 
 
@@ -202,8 +244,7 @@ class LearnerWorker:
         self.admission = Admission.from_config(cfg, total_steps)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.ledger = ray.get_actor(LEDGER_NAME)
-        # For regeneration; the handles are looked up on first use.
-        self.workers = RoundRobin([], worker_names, start=rank, call_timeout_s=cfg.rollout.call_timeout_s)
+        self.workers = RoundRobin(worker_names, "rollout", start=rank, call_timeout_s=cfg.rollout.call_timeout_s)
         self.metrics = Metrics("learner", cfg.logging.run_name)
         self.stores: dict = {}  # port -> hosted store, until this rank joins its group
 
@@ -303,8 +344,6 @@ class LearnerWorker:
                 self.metrics.inc("staleness_drops_total", n)
                 continue
             # Regenerate the same batch (same prompts and seed) with the newest published weights.
-            if not self.workers.handles:
-                self.workers.handles = [ray.get_actor(name) for name in self.workers.names]
             retries = self.workers.retries
             item = self.workers._call("produce", stats.batch, newest, to_queue=False)
             counts["regenerated"] += n

@@ -4,7 +4,8 @@ producers, which weight version it must wait for, and whether a delivered batch 
 A batch is submitted only when it will be trained at most `max_staleness` versions after the newest
 published version, which it is told to wait for; so with `max_staleness: 0` rollout batch i is produced by
 the weights after i steps, exactly as in the local trainer. At most `queue_size` batches wait ahead of the
-learners. Batches that still arrive too stale (after a retry, or with several workers) fail `fresh`.
+learners beyond one in progress per producer (rollout worker or teacher replica), so a larger pool is
+kept busy. Batches that still arrive too stale (after a retry, or with several workers) fail `fresh`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Admission:
     queue_size: int
     total_steps: int
     start_step: int = 0  # a resumed run starts here, with its weights published as that version
+    producers: int = 0  # rollout workers + teacher replicas that score: each holds one batch in progress
     supplied: int = 0  # batches handed to producers
     demand: int = 0  # batches the started steps take (plus stale ones dropped)
 
@@ -53,7 +55,7 @@ class Admission:
     def admit(self, step: int) -> bool:
         """May another batch be submitted at `step`? Counts it as supplied when it may."""
         serving = self.serving_step(step)
-        if (self.ahead >= self.queue_size or serving >= self.total_steps
+        if (self.ahead >= self.queue_size + self.producers or serving >= self.total_steps
                 or serving - self.published(step) > self.max_staleness):
             return False
         self.supplied += 1

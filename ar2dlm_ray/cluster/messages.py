@@ -1,5 +1,5 @@
-"""What the actors hand each other: a rollout batch (worker -> learner, through the queue) with what its
-production cost (worker -> driver). Plain dataclasses, so that a field that one side renames fails loudly
+"""What the actors hand each other: a rollout batch (worker -> teacher -> learner, through the queues) with
+what its production cost (worker -> driver) and what scoring it cost (teacher replica -> driver). Plain dataclasses, so that a field that one side renames fails loudly
 instead of turning into a missing dict key somewhere else."""
 
 from __future__ import annotations
@@ -22,12 +22,21 @@ class ProduceStats:
     gen_len: int
     prompts_consumed: int
     rolled_out: int
-    scored: int
+    scored: int  # set by the teacher replica that scores it (or by the worker when it regenerates)
     sampler_forwards: int
     generated_tokens: int
     retried: int  # teacher calls retried on another replica
     weights_s: float
     rollout_s: float
+    teacher_s: float
+
+
+@dataclass
+class ScoreStats:
+    batch: int
+    replica: str  # the teacher replica's name
+    scored: int  # rollouts scored
+    tokens: int
     teacher_s: float
 
 

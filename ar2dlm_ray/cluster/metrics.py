@@ -22,6 +22,8 @@ _GAUGES = {
     "weight_version": "newest published weight version",
     "version_lag": "learner step minus the version that produced the rollout",
     "weight_publish_s": "seconds to publish one weight version",
+    "pool_size": "actors in the pool (starting or active)",
+    "pool_busy": "fraction of the last step the pool's actors were busy",
 }
 _COUNTERS = {
     "rollouts_total": "rollouts produced",

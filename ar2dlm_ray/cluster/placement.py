@@ -2,12 +2,16 @@
 one bundle per actor) before any actor starts, so a job whose pools do not fit never half-starts and holds
 what it got. On a cluster that can grow, the reservation waits up to `ray.startup_timeout_s` for the
 autoscaler; then it fails with one message naming the shortfall per resource and releases everything.
+
+While a job runs, a pool that is scaled up first refills bundles freed by actors scaled away, then reserves a
+one-bundle group per further actor (its actor starts when Ray can place it); a scaled-away actor's own
+group is removed with it.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import GetTimeoutError
@@ -46,27 +50,48 @@ def shortfall(demand: dict[str, float], have: dict[str, float]) -> str:
 
 @dataclass
 class Reservation:
-    """The placement group of each pool (None for a pool that asks for no resources)."""
+    """The placement group of each pool (None for a pool that asks for no resources) and which bundle each
+    actor holds."""
 
     groups: dict[str, PlacementGroup | None]
+    sizes: dict[str, int]  # bundles in each pool's group
+    held: dict[str, tuple[str, int, PlacementGroup]] = field(default_factory=dict)  # actor -> (pool, bundle, group)
 
-    def options(self, pool_name: str, pool, index: int, name: str) -> dict:
-        """Actor options for actor `index` of the pool: its own bundle of the pool's group."""
+    def options(self, pool_name: str, pool, name: str) -> dict:
+        """Actor options for actor `name` of the pool: a bundle of its own."""
         opts = {"name": name, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "max_restarts": pool.max_restarts}
         if pool.resources:
             opts["resources"] = dict(pool.resources)
-        group = self.groups.get(pool_name)
-        if group is not None:
+        if self.groups.get(pool_name) is not None:
+            group, index = self._bundle(pool_name, pool, name)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=index)
         elif pool.labels:
             opts["label_selector"] = dict(pool.labels)
         return opts
 
+    def _bundle(self, pool_name: str, pool, name: str) -> tuple[PlacementGroup, int]:
+        group = self.groups[pool_name]
+        taken = {index for p, index, g in self.held.values() if p == pool_name and g == group}
+        free = [i for i in range(self.sizes[pool_name]) if i not in taken]
+        if not free:  # beyond the reservation the job started with
+            group = placement_group([bundle(pool)], name=f"{name}-{secrets.token_hex(4)}",
+                                    bundle_label_selector=[dict(pool.labels)] if pool.labels else None)
+        self.held[name] = (pool_name, free[0] if free else 0, group)
+        return self.held[name][2], self.held[name][1]
+
+    def release_actor(self, name: str) -> None:
+        """The actor is gone: its bundle is free again (its own group, if it had one, is removed)."""
+        pool_name, _, group = self.held.pop(name, (None, 0, None))
+        if group is not None and group != self.groups.get(pool_name):
+            remove_placement_group(group)
+
     def release(self) -> None:
-        for group in self.groups.values():
+        extra = {id(g): g for p, _, g in self.held.values() if g != self.groups.get(p)}
+        for group in [*self.groups.values(), *extra.values()]:
             if group is not None:
                 remove_placement_group(group)
+        self.held.clear()
 
 
 def reserve(cfg: RunConfig, embedded: bool, log=print) -> Reservation:
@@ -87,7 +112,7 @@ def reserve(cfg: RunConfig, embedded: bool, log=print) -> Reservation:
         # Names are unique cluster-wide: the suffix keeps a resumed job clear of a dying one's groups.
         groups[name] = placement_group([want] * count, strategy="PACK", name=f"{name}-pool-{secrets.token_hex(4)}",
                                        bundle_label_selector=labels) if want else None
-    reservation = Reservation(groups)
+    reservation = Reservation(groups, {name: count for name, (_, count) in pools(cfg).items()})
     pending = [g.ready() for g in groups.values() if g is not None]
     try:
         ray.get(pending, timeout=cfg.ray.startup_timeout_s)

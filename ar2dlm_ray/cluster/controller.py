@@ -1,0 +1,95 @@
+"""The pool controller: a named actor (`pools-controller`, in the job's namespace) through which a user
+resizes a running job's pools (`ar2dlm pools scale --address ... rollout=4 teacher=2`) and reads them
+(`ar2dlm pools show`). It only relays: the driver takes the requested sizes between steps, starts or
+drains actors, and reports the pools back. Requests are checked here, so a bad one is refused at once
+with the reason instead of failing inside the job.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from ..config import ConfigError
+
+CONTROLLER_NAME = "pools-controller"
+SCALABLE = ("rollout", "teacher")
+
+
+def parse_sizes(pairs: list[str]) -> dict[str, int]:
+    """['rollout=4', 'teacher=2'] -> {'rollout': 4, 'teacher': 2}; a one-line error for anything else."""
+    sizes: dict[str, int] = {}
+    for pair in pairs:
+        pool, sep, value = pair.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ConfigError(f"{pair!r} is not POOL=N with a whole number N, e.g. rollout=4 teacher=2")
+        sizes[pool.strip()] = int(value)
+    if not sizes:
+        raise ConfigError("name at least one pool size, e.g. `ar2dlm pools scale --address auto rollout=4`")
+    return sizes
+
+
+def check_request(sizes: dict[str, int], fixed: dict[str, str]) -> list[str]:
+    """What is wrong with a resize request ([] if nothing); `fixed`: pools that cannot change, and why."""
+    problems = []
+    for pool, n in sizes.items():
+        if pool not in SCALABLE:
+            why = "its process group is fixed when the job starts; resubmit to change it" if pool == "learner" else \
+                f"the pools are {', '.join(SCALABLE)}"
+            problems.append(f"pool {pool!r} cannot be resized ({why})")
+        elif pool in fixed:
+            problems.append(f"pool {pool!r} cannot be resized in this job ({fixed[pool]})")
+        elif not isinstance(n, int) or n < 1:
+            problems.append(f"{pool}={n}: a pool needs at least one actor")
+    return problems
+
+
+class PoolController:
+    def __init__(self, fixed: dict[str, str]):
+        self.fixed = fixed
+        self.wanted: dict[str, int] = {}
+        self.state: dict = {"sizes": {}, "members": {}, "events": []}
+
+    def scale(self, sizes: dict[str, int]) -> dict:
+        """Ask for new sizes; {'error': ...} when refused, else the pools as last reported."""
+        problems = check_request(sizes, self.fixed)
+        if problems:
+            return {"error": "; ".join(problems)}
+        self.wanted.update(sizes)
+        return {"accepted": dict(sizes), **self.state}
+
+    def take(self) -> dict[str, int]:
+        """The driver: sizes requested since the last call."""
+        wanted, self.wanted = self.wanted, {}
+        return wanted
+
+    def report(self, state: dict) -> None:
+        self.state = state
+
+    def status(self) -> dict:
+        return {**self.state, "pending": dict(self.wanted)}
+
+    def members(self, pool: str) -> list[str]:
+        return list(self.state["members"].get(pool, []))
+
+
+def current_members(pool: str) -> list[str]:
+    """The pool's live actor names, from the controller ([] where there is none, e.g. outside a job)."""
+    try:
+        return ray.get(ray.get_actor(CONTROLLER_NAME).members.remote(pool), timeout=30)
+    except Exception:  # noqa: BLE001 - no controller: the caller keeps what it has
+        return []
+
+
+def connect_to_job(address: str, namespace: str):
+    """The running job's controller, from outside the job (the CLI)."""
+    from .driver import wait_until_reachable
+
+    if not ray.is_initialized():
+        if address not in ("auto",) and not address.startswith("ray://"):
+            wait_until_reachable(address, 10.0)
+        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=namespace)
+    except ValueError:
+        raise ConfigError(f"no running ar2dlm job at {address} in namespace {namespace!r} (no {CONTROLLER_NAME} "
+                          "actor); check --address and --namespace (the job's ray.namespace)") from None
