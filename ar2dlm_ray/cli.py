@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -174,6 +175,12 @@ def cmd_bench(args) -> None:
         # --json: stdout carries only the result JSON; the progress lines go to stderr.
         log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else _log
         return _report(bench_weights(args.params, args.dtype, args.repeats, log=log), args.out)
+    if args.what == "orchestration":
+        from .cluster.bench_orchestration import bench_orchestration
+
+        log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else _log
+        return _report(bench_orchestration(args.config, args.overrides, quick=args.quick, log=log), args.out,
+                       quiet=args.json)
     if args.what == "pipeline":
         from .cluster.bench import bench_pipeline
 
@@ -191,9 +198,9 @@ def cmd_bench(args) -> None:
     _report(bench_sampler(student, prompts, sampler, args.repeats), args.out)
 
 
-def _report(result, out: str | None) -> None:
-    """A benchmark's result: printed, and written to `--out` when given."""
-    _log(json.dumps(result, indent=2))
+def _report(result, out: str | None, quiet: bool = False) -> None:
+    """A benchmark's result: printed (`quiet`: on stdout alone, for --json), and written to `--out` when given."""
+    print(json.dumps(result, indent=2), flush=True) if quiet else _log(json.dumps(result, indent=2))
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
 
@@ -220,6 +227,24 @@ def _bench_teacher(args) -> None:
                              max_num_seqs=t.max_num_seqs, enforce_eager=t.enforce_eager)
         results.append(bench_teacher(path, pairs, t.top_k or 64, t.batch_size, args.repeats, vllm_settings))
     _report(results, args.out)
+
+
+def cmd_pools(args) -> None:
+    """Resize or show a running job's pools through its pool controller."""
+    import ray
+
+    from .cluster.controller import connect_to_job, parse_sizes
+
+    sizes = parse_sizes(args.sizes) if args.pools_command == "scale" else None  # a bad request fails before connecting
+    controller = connect_to_job(args.address, args.namespace)
+    if sizes is None:
+        return _log(json.dumps(ray.get(controller.status.remote()), indent=2))
+    answer = ray.get(controller.scale.remote(sizes))
+    if "error" in answer:
+        raise ConfigError(answer["error"])
+    asked = " ".join(f"{k}={v}" for k, v in sizes.items())
+    now = " ".join(f"{k}={v}" for k, v in answer["sizes"].items())
+    _log(f"[pools] asked for {asked} (now {now}); the job applies it between steps: `ar2dlm pools show` to follow")
 
 
 def cmd_import_gguf(args) -> None:
@@ -347,6 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(tp)
     tp.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("pools", help="resize or show the pools of a running Ray job")
+    psub = p.add_subparsers(dest="pools_command", required=True)
+    for name, text in (("scale", "ask a running job for new pool sizes, e.g. rollout=4 teacher=2"),
+                       ("show", "a running job's pool sizes, members and resize events")):
+        pp = psub.add_parser(name, help=text)
+        pp.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or "auto",
+                        help="the cluster's GCS address (host:6379, ray://host:10001 or auto; default $RAY_ADDRESS)")
+        pp.add_argument("--namespace", default="ar2dlm", help="the job's ray.namespace")
+        if name == "scale":
+            pp.add_argument("sizes", nargs="+", help="POOL=N for pools rollout and teacher")
+        pp.set_defaults(func=cmd_pools)
+
     p = sub.add_parser("models", help="model utilities")
     msub = p.add_subparsers(dest="models_command", required=True)
     mp = msub.add_parser("import-gguf", help="turn a GGUF checkpoint into a float32 Hugging Face directory")
@@ -367,9 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="rerunnable benchmarks (ratios measured side by side in one run)")
-    p.add_argument("what", choices=["sampler", "pipeline", "teacher", "weights"],
+    p.add_argument("what", choices=["sampler", "pipeline", "orchestration", "teacher", "weights"],
                    help="sampler: KV-cached decoding vs full recomputation; "
                         "pipeline: the Ray run synchronous vs asynchronous (trained tokens/s, learner busy fraction); "
+                        "orchestration: the real driver, queues and actors with stand-in stage costs, pools up to "
+                        "16/8/4, throughput against the bottleneck's bound; "
                         "teacher: HF vs vLLM scoring tokens/s on the config's teacher and each --model; "
                         "weights: both weight transports at --params against raw gloo")
     p.add_argument("--config", default=DEFAULT_CONFIG)
@@ -384,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, type=_out_file, help="also write the result JSON here")
     p.add_argument("--params", type=float, default=0.6e9, help="weights: parameters of the published state")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights")
-    p.add_argument("--json", action="store_true", help="weights: print only the result JSON on stdout")
+    p.add_argument("--json", action="store_true", help="weights, orchestration: print only the result JSON on stdout")
+    p.add_argument("--quick", action="store_true", help="orchestration: the small pool sizes only")
     _add_overrides(p)
     p.set_defaults(func=cmd_bench)
 

@@ -49,9 +49,13 @@ class TeacherServer:
     def __init__(self, cfg, teacher_path: str, inbox=None, outbox=None):
         _setup_process(cfg.ray.actor_threads)
         self.cfg, self.inbox, self.outbox = cfg, inbox, outbox
-        self.backend = build_teacher(cfg, teacher_path)
+        self.backend = self.build_backend(cfg, teacher_path)
         self.metrics = Metrics("teacher", cfg.logging.run_name)
         self.served = {"score_calls": 0, "sequences": 0, "tokens": 0}
+
+    def build_backend(self, cfg, teacher_path: str):
+        """The teacher (a stand-in in the orchestration benchmark)."""
+        return build_teacher(cfg, teacher_path)
 
     def info(self) -> dict:
         model = getattr(self.backend, "model", None)
@@ -183,12 +187,16 @@ class RolloutWorker:
         _setup_process(cfg.ray.actor_threads)
         self.cfg, self.index, self.queue, self.score_queue = cfg, index, queue, score_queue
         self.recipe = RECIPES[cfg.train.recipe]
-        self.student = build_student(cfg, teacher_path)
         self.teacher = TeacherClient(teacher_names, "teacher", start=index, call_timeout_s=cfg.teacher.call_timeout_s)
-        self.x0 = X0Producer(cfg, self.student, self.teacher, teacher_path)
+        self.student, self.x0 = self.build_producer(cfg, teacher_path)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.version = -1  # always adopt the learner's first publication, so both start from the same weights
         self.metrics = Metrics("rollout", cfg.logging.run_name)
+
+    def build_producer(self, cfg, teacher_path: str):
+        """The student copy and the producer of x0 (stand-ins in the orchestration benchmark)."""
+        student = build_student(cfg, teacher_path)
+        return student, X0Producer(cfg, student, self.teacher, teacher_path)
 
     def info(self) -> dict:
         return {**_where(), "num_prompts": len(self.x0.prompts), "params": param_count(self.student.model),
@@ -239,14 +247,18 @@ class LearnerWorker:
         _setup_process(cfg.ray.actor_threads)
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.rank, self.world, self.queue = cfg, rank, world, queue
-        self.student = build_student(cfg, teacher_path)
-        self.learner = Learner(self.student, cfg, total_steps)
+        self.student, self.learner = self.build_learner(cfg, teacher_path, total_steps)
         self.admission = Admission.from_config(cfg, total_steps)
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.ledger = ray.get_actor(LEDGER_NAME)
         self.workers = RoundRobin(worker_names, "rollout", start=rank, call_timeout_s=cfg.rollout.call_timeout_s)
         self.metrics = Metrics("learner", cfg.logging.run_name)
         self.stores: dict = {}  # port -> hosted store, until this rank joins its group
+
+    def build_learner(self, cfg, teacher_path: str, total_steps: int):
+        """The student and its learner (stand-ins in the orchestration benchmark)."""
+        student = build_student(cfg, teacher_path)
+        return student, Learner(student, cfg, total_steps)
 
     def info(self) -> dict:
         return {**_where(), "params": param_count(self.student.model)}

@@ -101,6 +101,17 @@ def wait_until_reachable(address: str, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+@dataclass(frozen=True)
+class Roles:
+    """The actor classes of the three pools, and how the teacher is found: the orchestration benchmark swaps
+    in subclasses whose compute is a stand-in."""
+
+    teacher: type = TeacherServer
+    rollout: type = RolloutWorker
+    learner: type = LearnerWorker
+    teacher_path: Callable = resolve_teacher_path
+
+
 @dataclass
 class Call:
     """A producer call in flight: what it is for, and on which member."""
@@ -117,8 +128,8 @@ def _window(now: float) -> dict:
 
 
 class RayTrainer:
-    def __init__(self, cfg: RunConfig, log: Callable = print):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: RunConfig, log: Callable = print, roles: Roles = Roles()):
+        self.cfg, self.log, self.roles = cfg, log, roles
         embedded = connect(cfg, log)
         self.reservation = reserve(cfg, embedded, log)  # before any actor starts; released by close()
         self.pools: dict[str, Pool] = {}
@@ -132,7 +143,7 @@ class RayTrainer:
             raise
 
     def _start_pools(self, cfg: RunConfig) -> None:
-        self.teacher_path = resolve_teacher_path(cfg, self.log)
+        self.teacher_path = self.roles.teacher_path(cfg, self.log)
         self.recipe = RECIPES[cfg.train.recipe]
         self.metrics = Metrics("driver", run_name(cfg), actor="driver")
         # Everything is named (dashboard, `ray.get_actor`); the pools die with the job.
@@ -156,7 +167,7 @@ class RayTrainer:
         self.total_steps = cfg.train.max_steps or -(-first["num_prompts"] // cfg.train.rollout_batch_size)
         world = cfg.learner.num_workers
         placed = self.reservation.options
-        self.learners = [ray.remote(LearnerWorker).options(**placed("learner", cfg.learner, f"learner-{r}")).remote(
+        self.learners = [ray.remote(self.roles.learner).options(**placed("learner", cfg.learner, f"learner-{r}")).remote(
             cfg, self.teacher_path, r, world, self.total_steps, self.queue, self.pools["rollout"].names())
             for r in range(world)]
         self.placement["learner"] = _started(self.learners, [f"learner-{r}" for r in range(world)])
@@ -177,12 +188,12 @@ class RayTrainer:
 
     def _start_teacher(self, index: int, name: str):
         cfg = self.cfg
-        return ray.remote(TeacherServer).options(**self.reservation.options("teacher", cfg.teacher.pool, name)).remote(
+        return ray.remote(self.roles.teacher).options(**self.reservation.options("teacher", cfg.teacher.pool, name)).remote(
             cfg, self.teacher_path, self.score_queue, self.queue)
 
     def _start_rollout(self, index: int, name: str):
         cfg = self.cfg
-        return ray.remote(RolloutWorker).options(**self.reservation.options("rollout", cfg.rollout, name)).remote(
+        return ray.remote(self.roles.rollout).options(**self.reservation.options("rollout", cfg.rollout, name)).remote(
             cfg, self.teacher_path, index, self.pools["teacher"].names(), self.queue, self.score_queue)
 
     @property
@@ -262,6 +273,8 @@ class RayTrainer:
         except RayActorError as exc:
             return self._on_failed(call, exc)
         self.stalled.discard(member.name)
+        if result is not None:
+            self.work[member.name] = self.work.get(member.name, 0) + 1
         if call.kind == "produce":
             self.pids[member.name].add(result.pid)
             for key in ACCOUNTED:
@@ -387,6 +400,7 @@ class RayTrainer:
         self.pids = {m.name: {info["pid"]} for m, info in zip(self.pools["rollout"].live(), self.placement["rollout"])}
         self.stalled: set[str] = set()
         self.teacher_load: dict[str, dict] = {}
+        self.work: dict[str, int] = {}  # batches each producer delivered
         self.events: list[dict] = []
         self.t_start = self.next_poll = time.monotonic()
         self.busy_s = {k: 0.0 for k in self.pools}
@@ -434,7 +448,7 @@ class RayTrainer:
         wall = max(time.monotonic() - self.t_start, 1e-9)
         summary = {"final_student": final, "steps": self.step, "accounting": dict(self.accounting),
                    "placement": self.placement, "teacher_load": self.teacher_load,
-                   "pools": {"sizes": self._sizes(), "events": self.events,
+                   "pools": {"sizes": self._sizes(), "events": self.events, "batches_delivered": self.work,
                              "busy": {"learner": self.busy_total["learner"] / wall,
                                       **{k: self.busy_total[k] / max(self.busy_total["actor_s"][k], 1e-9)
                                          for k in self.pools}}},
@@ -448,17 +462,15 @@ class RayTrainer:
         return summary
 
     def _finish_inflight(self) -> None:
-        """Batches produced beyond the last step still count as rolled out (and scored); nothing is retried."""
+        """Calls in flight when training ends: their batches still count as rolled out (or scored), and end up
+        in the queues (`left_in_queue_ids`); nothing is retried or scored any more."""
         deadline = time.monotonic() + min(60.0, self.cfg.ray.timeout_s)
         while (calls := [r for r, c in self.inflight.items() if c.kind != "start"]) and time.monotonic() < deadline:
             for ref in ray.wait(calls, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))[0]:
-                call = self.inflight[ref]
                 try:
                     self._on_done(ref)
                 except Exception:  # noqa: BLE001 - shutting down; nothing to retry
                     self.inflight.pop(ref, None)
-                if call.kind == "pull" and call.member.state == "active" and self.score_queue.qsize():
-                    self._feed_teachers()
 
     def _drain_queue(self) -> list[int]:
         """Batch ids produced ahead and never consumed, for the accounting (each id once)."""

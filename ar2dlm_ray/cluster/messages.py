@@ -1,5 +1,5 @@
-"""What the actors hand each other: a rollout batch (worker -> teacher -> learner, through the queues) with
-what its production cost (worker -> driver) and what scoring it cost (teacher replica -> driver). Plain dataclasses, so that a field that one side renames fails loudly
+"""What the actors hand each other: a rollout batch (worker -> teacher -> learner, through the queues)
+with what its production cost (worker -> driver) and what scoring it cost (teacher replica -> driver). Plain dataclasses, so that a field that one side renames fails loudly
 instead of turning into a missing dict key somewhere else."""
 
 from __future__ import annotations

@@ -1,0 +1,165 @@
+"""The three-stage pipeline and its elastic pools on a real local Ray: a teacher replica that dies holding
+a rollout batch loses nothing, and pools resized mid-run (from the command line and through the
+controller) keep exact accounting: every rollout batch is trained once, dropped as stale, or still queued
+when training ends, and nothing is rolled out that is not accounted for."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import ray
+
+from ar2dlm_ray.config import load_config
+
+from test_ray import local_ray, ray_overrides  # noqa: F401 - the module's Ray
+
+
+def _metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_accounting(summary: dict, metrics: list[dict], batch_size: int) -> None:
+    acc, delivery = summary["accounting"], summary["delivery"]
+    trained = [b for m in metrics for b in m["batches"]]
+    assert len(trained) == len(set(trained)) and sorted(trained) == delivery["trained_ids"], "a batch trained twice"
+    seen = delivery["trained_ids"] + delivery["dropped_ids"] + delivery["left_in_queue_ids"]
+    assert set(range(max(trained) + 1)) <= set(seen), f"a batch was lost: {sorted(seen)}"
+    assert acc["trained_on"] == batch_size * delivery["trained"]
+    assert acc["dropped_stale"] == batch_size * delivery["dropped"]
+    assert acc["discarded_duplicates"] == batch_size * delivery["discarded_duplicates"]
+    assert delivery["consumed"] == delivery["trained"] + delivery["dropped"] + delivery["discarded_duplicates"]
+
+
+def test_the_stages_overlap_and_a_batch_held_by_a_dying_teacher_is_scored_by_another(micro_teacher, tmp_path,
+                                                                                  local_ray):  # noqa: F811
+    from ar2dlm_ray.cluster.driver import SCORE_QUEUE_NAME, RayTrainer
+
+    cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
+        "train.max_steps": 8, "rollout.num_workers": 2, "teacher.num_replicas": 2, "learner.max_staleness": 3}))
+    logs: list[str] = []
+    trainer = RayTrainer(cfg, logs.append)
+    victim: dict = {}
+    done = threading.Event()
+
+    def kill_a_teacher_holding_a_batch():
+        queue = ray.get_actor(SCORE_QUEUE_NAME)
+        while not done.is_set() and not victim:
+            for holder, batches in ray.get(queue.holders.remote()).items():
+                if batches and batches[0] >= 2:
+                    victim.update(name=holder, batch=batches[0])
+                    ray.kill(ray.get_actor(holder), no_restart=False)
+                    break
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=kill_a_teacher_holding_a_batch, daemon=True)
+    thread.start()
+    try:
+        summary = trainer.run()
+    finally:
+        done.set()
+        thread.join()
+        trainer.close()
+    metrics = _metrics(tmp_path)
+    assert victim, "no teacher was caught holding a batch"
+    assert any(f"{victim['name']} failed holding rollout batch(es) [{victim['batch']}" in line for line in logs), logs
+    delivery = summary["delivery"]
+    assert victim["batch"] in delivery["trained_ids"] + delivery["dropped_ids"] + delivery["left_in_queue_ids"]
+    _check_accounting(summary, metrics, 8)
+    # Scoring happened on the teacher pool, not inside the rollout workers.
+    assert summary["accounting"]["scored"] >= summary["accounting"]["trained_on"] > 0
+    assert set(summary["teacher_load"]) == {"teacher-0", "teacher-1"}
+    assert all(0.0 <= m["busy"]["teacher"] <= 1.0 and m["pools"] == {"teacher": 2, "rollout": 2, "learner": 1}
+               for m in metrics)
+
+
+def _drive_until(trainer, done, timeout_s: float = 180.0) -> None:
+    """Hold the driver between two steps while it keeps serving its pools (applying resize requests,
+    starting and draining actors), until `done()`: the test's operator then acts at a known step, however
+    fast the micro steps are."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "the pools did not reach the asked sizes"
+        trainer.next_poll = 0.0
+        trainer._pump()
+        for ref in ray.wait(list(trainer.inflight), num_returns=1, timeout=0.2)[0] if trainer.inflight else ():
+            trainer._on_done(ref)
+
+
+def _settled(trainer, rollout: int, teacher: int) -> bool:
+    pools = trainer.pools
+    return all(len(pools[k].members) == n and all(m.state == "active" for m in pools[k].members.values())
+               for k, n in (("rollout", rollout), ("teacher", teacher)))
+
+
+def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro_teacher, tmp_path,
+                                                                          local_ray):  # noqa: F811
+    from ar2dlm_ray.cluster.controller import CONTROLLER_NAME
+    from ar2dlm_ray.cluster.driver import RayTrainer
+
+    steps = 10
+    cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
+        "train.max_steps": steps, "learner.max_staleness": 2}))
+    logs: list[str] = []
+    trainer = RayTrainer(cfg, logs.append)
+    address = ray.get_runtime_context().gcs_address
+    cli = [sys.executable, "-m", "ar2dlm_ray.cli", "pools"]
+    where = ["--address", address, "--namespace", "ar2dlm-test"]
+    answers: dict = {}
+
+    def run(*args):
+        return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "RAY_ADDRESS": ""})
+
+    record = trainer._record
+
+    def record_then_operate(results, step_s):
+        """A user watching the job: after step 2 scales up from the command line, after step 6 back down
+        through the controller actor."""
+        out = record(results, step_s)
+        if out["step"] == 2:
+            answers["refused"] = run("scale", *where, "learner=2")
+            answers["up"] = run("scale", *where, "rollout=3", "teacher=2")
+            _drive_until(trainer, lambda: _settled(trainer, 3, 2))
+        if out["step"] == 6:
+            answers["down"] = ray.get(ray.get_actor(CONTROLLER_NAME).scale.remote({"rollout": 1, "teacher": 1}))
+            _drive_until(trainer, lambda: _settled(trainer, 1, 1))
+            answers["show"] = run("show", *where)
+        return out
+
+    trainer._record = record_then_operate
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    metrics = _metrics(tmp_path)
+    assert answers["refused"].returncode == 2 and answers["refused"].stderr.strip().splitlines() == [
+        "ar2dlm: error: pool 'learner' cannot be resized (its process group is fixed when the job starts; "
+        "resubmit to change it)"]
+    assert answers["up"].returncode == 0 and "asked for rollout=3 teacher=2" in answers["up"].stdout
+    assert "error" not in answers["down"]
+    shown = json.loads(answers["show"].stdout[answers["show"].stdout.index("{"):])
+    assert shown["members"] == {"rollout": ["rollout-0"], "teacher": ["teacher-0"]}
+    events = [(e["pool"], e["from"], e["to"], e["why"]) for e in summary["pools"]["events"]]
+    assert events == [("rollout", 1, 3, "requested"), ("teacher", 1, 2, "requested"),
+                      ("rollout", 3, 1, "requested"), ("teacher", 2, 1, "requested")], events
+    assert [(e["pool"], e["from"], e["to"]) for e in shown["events"]] == [e[:3] for e in events]
+    assert summary["pools"]["sizes"] == {"rollout": 1, "teacher": 1, "learner": 1}
+    sizes = [m["pools"]["rollout"] for m in metrics]
+    assert sizes[:2] == [1, 1] and 3 in sizes and sizes[-1] == 1, sizes
+    assert any("pools t2 r3 l1" in line for line in logs), "pool sizes in the step log"
+    for name in ("rollout-1", "rollout-2", "teacher-1"):
+        assert any(f"{name} joined" in line for line in logs), name
+        assert any(f"{name} drained and stopped" in line for line in logs), name
+    work = summary["pools"]["batches_delivered"]
+    assert work.get("rollout-1", 0) + work.get("rollout-2", 0) > 0 and work.get("teacher-1", 0) > 0, work
+    assert summary["steps"] == steps
+    _check_accounting(summary, metrics, 8)
+    # Nothing rolled out is unaccounted for: no actor died, so every batch produced was trained, dropped,
+    # discarded or left queued.
+    acc, delivery = summary["accounting"], summary["delivery"]
+    assert acc["rolled_out"] == 8 * (delivery["trained"] + delivery["dropped"] + delivery["discarded_duplicates"]
+                                     + len(delivery["left_in_queue_ids"])), (acc, delivery)
