@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 
-import pytest
 import ray
 
 from ar2dlm_ray.config import load_config
