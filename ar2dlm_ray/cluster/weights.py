@@ -4,11 +4,13 @@ between rollouts.
 A small named registry actor keeps the newest version number and how to fetch it. The payload travels
 by a transport behind one interface (`publish(model, version)` on the learner, `receive(model, current,
 min_version)` on a worker):
-- `object_store`: `ray.put` of the state dict; the registry keeps the reference (works everywhere).
+- `object_store`: the state as one flat array per dtype, `ray.put` by a background thread; the registry
+  keeps the references (works everywhere, and workers may be restarted).
 - `collective`: a gloo broadcast group of learner rank 0 and every rollout worker; the state dict is
-  packed into large flat buckets. A sender thread on the learner broadcasts the newest snapshot; a
-  receiver thread on each worker stages it. Faster for big models, but its membership is fixed: a
-  restarted rollout worker cannot rejoin (use object_store where workers may die).
+  packed into one flat buffer per dtype and broadcast in chunks. A sender thread on the learner
+  broadcasts the newest snapshot; a receiver thread on each worker stages it. Its membership is fixed:
+  a restarted rollout worker cannot rejoin (use object_store where workers may die).
+Either way `publish` blocks the learner only for one copy of the weights into a reused snapshot.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ class WeightRegistry:
         return self.newest
 
 
+def _by_dtype(state: dict) -> list[tuple[torch.dtype, list[str]]]:
+    """The state dict's keys grouped by dtype (in order), one flat buffer each."""
+    groups: dict[torch.dtype, list[str]] = {}
+    for key, t in state.items():
+        groups.setdefault(t.dtype, []).append(key)
+    return list(groups.items())
+
+
 def _pack(state: dict, keys: list[str], flat: torch.Tensor) -> None:
     """The tensors `keys` of `state`, one after another, into `flat` (on the CPU; from any device)."""
     offset = 0
@@ -74,9 +84,10 @@ def _unpack(flat: torch.Tensor, state: dict, keys: list[str]) -> None:
 
 
 def _flat_for(state: dict, keys: list[str]) -> torch.Tensor:
-    """An empty flat CPU buffer for `keys` (pinned when they live on a GPU, for a fast device-to-host copy)."""
+    """A flat CPU buffer for `keys` (pinned when they live on a GPU, for fast copies to and from it). Zeroed:
+    its pages are mapped now, not on the first publication (which would then take twice as long)."""
     first = state[keys[0]]
-    return torch.empty(sum(state[k].numel() for k in keys), dtype=first.dtype,
+    return torch.zeros(sum(state[k].numel() for k in keys), dtype=first.dtype,
                        pin_memory=first.is_cuda and torch.cuda.is_available())
 
 
@@ -108,10 +119,7 @@ class ObjectStoreTransport:
             raise RuntimeError("the weight publication thread failed") from self.error
         state = model.state_dict()
         if self.layout is None:
-            groups: dict[torch.dtype, list[str]] = {}
-            for key, t in state.items():
-                groups.setdefault(t.dtype, []).append(key)
-            self.layout = list(groups.items())
+            self.layout = _by_dtype(state)
             self.snapshots = [[_flat_for(state, keys) for _, keys in self.layout] for _ in range(2)]
             threading.Thread(target=self._guarded, daemon=True, name="weights-put").start()
         with self.cond:
@@ -158,131 +166,153 @@ class ObjectStoreTransport:
         return version
 
 
-def _buckets(state: dict, bucket_bytes: int) -> list[list[str]]:
-    """State-dict keys grouped into buckets of one dtype and at most `bucket_bytes` (one tensor may exceed it)."""
-    out: list[list[str]] = []
-    size, dtype = 0, None
-    for key, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if not out or t.dtype != dtype or size + nbytes > bucket_bytes:
-            out.append([])
-            size, dtype = 0, t.dtype
-        out[-1].append(key)
-        size += nbytes
-    return out
-
-
 class CollectiveTransport:
-    """Broadcast over a gloo group: rank 0 is learner rank 0, ranks 1..n the rollout workers."""
+    """Broadcast over a gloo group: rank 0 is learner rank 0, ranks 1..n the rollout workers.
+
+    The state travels as one flat buffer per dtype, broadcast in chunks of `chunk_mb`. Both sides keep two
+    such snapshots, allocated once and reused (a fresh 1 GB allocation per version cost more than the
+    copy): one is on the wire while the other is written (sender) or read (receiver). The copies overlap
+    the wire: the sender thread broadcasts a chunk as soon as `publish` has packed it, and a `receive`
+    waiting for a version in flight copies each tensor into the model as soon as its chunk has arrived.
+    """
 
     name = "collective"
 
-    def __init__(self, registry, bucket_mb: int = 256):
-        self.registry, self.bucket_bytes = registry, bucket_mb << 20
+    def __init__(self, registry, chunk_mb: int = 64):
+        self.registry, self.chunk_bytes = registry, chunk_mb << 20
         self.group = None
         self.cond = threading.Condition()
-        # Both sides keep two flat snapshots, allocated once and reused (a fresh 1 GB allocation per version
-        # cost more than the copy): one is on the wire while the other is written (sender) or read (receiver).
         self.snapshots: list[list[torch.Tensor]] = []
         self.sending: int | None = None  # the snapshot being broadcast
         self.reading: int | None = None  # receiver: the snapshot being copied into the model
         self.pending: tuple[int, int] | None = None  # (version, snapshot) to send next
         self.staged: tuple[int, int] | None = None  # receiver: (version, snapshot) newest complete
+        self.incoming: tuple[int, int] | None = None  # receiver: (version, snapshot) on the wire
+        self.filled = [0, 0]  # bytes of each snapshot written so far (packed, or arrived)
         self.error: BaseException | None = None
 
     def join(self, store, rank: int, world: int, model) -> None:
         self.group = torch.distributed.ProcessGroupGloo(store, rank, world, timedelta(seconds=1800))
         state = model.state_dict()
-        self.layout = _buckets(state, self.bucket_bytes)
-        self.keys = [k for bucket in self.layout for k in bucket]
+        self.layout = _by_dtype(state)
+        # Where each tensor ends in the snapshot's bytes (the flats one after another): the progress it waits for.
+        self.ends, end = [], 0
+        for dtype, keys in self.layout:
+            ends = []
+            for key in keys:
+                end += state[key].numel() * dtype.itemsize
+                ends.append(end)
+            self.ends.append(ends)
+        self.snapshots = [[_flat_for(state, keys) for _, keys in self.layout] for _ in range(2)]
         loop = self._send_loop if rank == 0 else self._receive_loop
-        threading.Thread(target=self._guarded, args=(loop, state), daemon=True, name=f"weights-{loop.__name__}").start()
+        threading.Thread(target=self._guarded, args=(loop,), daemon=True, name=f"weights-{loop.__name__}").start()
 
-    def _guarded(self, loop, state) -> None:
+    def _guarded(self, loop) -> None:
         try:
-            loop(state)
+            loop()
         except BaseException as exc:  # noqa: BLE001 - surfaced to the actor on its next call
             with self.cond:
                 self.error = exc
                 self.cond.notify_all()
 
-    def _flat_pair(self, state: dict) -> list[list[torch.Tensor]]:
-        return [[torch.empty(sum(state[k].numel() for k in bucket), dtype=state[bucket[0]].dtype)
-                 for bucket in self.layout] for _ in range(2)]
+    def _chunks(self, index: int):
+        """(chunk, the snapshot's byte count once it is complete) for every chunk of snapshot `index`."""
+        done = 0
+        for flat in self.snapshots[index]:
+            for chunk in flat.view(torch.uint8).split(self.chunk_bytes):
+                done += chunk.numel()
+                yield chunk, done
 
-    def _flat_into(self, index: int, state: dict) -> None:
-        if not self.snapshots:
-            self.snapshots = self._flat_pair(state)
-        for flat, bucket in zip(self.snapshots[index], self.layout):
-            torch.cat([state[k].detach().reshape(-1).cpu() for k in bucket], out=flat)
+    def _progress(self, index: int, nbytes: int) -> None:
+        with self.cond:
+            self.filled[index] = nbytes
+            self.cond.notify_all()
 
     # learner rank 0
     def publish(self, model, version: int) -> float:
         start = time.perf_counter()
         if self.error is not None:
             raise RuntimeError("the weight broadcast group failed") from self.error
+        state = model.state_dict()
         with self.cond:
             index = 1 if self.sending == 0 else 0  # never the snapshot being sent
-            if self.pending is not None and self.pending[1] == index:
-                self.pending = None  # an unsent older version: overwritten by this one
-        self._flat_into(index, model.state_dict())  # the copy is the only part the learner waits for
-        with self.cond:
-            self.pending = (version, index)
+            # The sender may take this version at once and broadcast each chunk as soon as it is packed.
+            self.filled[index] = 0
+            self.pending = (version, index)  # replaces an unsent older version
             self.cond.notify_all()
+        # The copy is the only part the learner waits for.
+        for flat, (_, keys), ends in zip(self.snapshots[index], self.layout, self.ends):
+            offset = 0
+            for key, end in zip(keys, ends):
+                t = state[key].detach()
+                flat[offset:offset + t.numel()].view(t.shape).copy_(t)
+                offset += t.numel()
+                self._progress(index, end)
         self.registry.publish.remote(version, [None])
         return time.perf_counter() - start
 
-    def _send_loop(self, state) -> None:
+    def _send_loop(self) -> None:
         while True:
             with self.cond:
                 self.cond.wait_for(lambda: self.pending is not None)
-                version, self.sending = self.pending
-                self.pending = None
+                (version, index), self.pending = self.pending, None
+                self.sending = index
             self.group.broadcast(torch.tensor([version], dtype=torch.long), 0).wait()
-            for bucket in self.snapshots[self.sending]:
-                self.group.broadcast(bucket, 0).wait()
+            for chunk, done in self._chunks(index):
+                with self.cond:
+                    self.cond.wait_for(lambda: self.filled[index] >= done)
+                self.group.broadcast(chunk, 0).wait()
             with self.cond:
                 self.sending = None
 
     # rollout workers
-    def _receive_loop(self, state) -> None:
-        self.snapshots = self._flat_pair(state)
-        target = 0
+    def _receive_loop(self) -> None:
+        index = 0
         while True:
             header = torch.zeros(1, dtype=torch.long)
             self.group.broadcast(header, 0).wait()
             with self.cond:
-                self.cond.wait_for(lambda: self.reading != target)
-            for flat in self.snapshots[target]:
-                self.group.broadcast(flat, 0).wait()
+                self.cond.wait_for(lambda: self.reading != index)
+                self.incoming, self.filled[index] = (int(header), index), 0
+            for chunk, done in self._chunks(index):
+                self.group.broadcast(chunk, 0).wait()
+                self._progress(index, done)
             with self.cond:
-                self.staged = (int(header), target)
+                self.staged, self.incoming = (int(header), index), None
                 self.cond.notify_all()
-            target = 1 - target
+            index = 1 - index
 
     def receive(self, model, current: int, min_version: int, timeout: float | None = None) -> int:
         if self.group is None:
             raise RuntimeError("this rollout worker is not in the weight broadcast group (restarted?); "
                                "learner.transport=collective cannot replace a dead worker; use object_store")
         with self.cond:
-            if not self.cond.wait_for(lambda: self.error is not None or (self.staged or (-1,))[0] >= min_version,
+            # A version in flight is good enough: its tensors are copied as their chunks arrive.
+            if not self.cond.wait_for(lambda: self.error is not None or max((self.staged or (-1,))[0],
+                                                                            (self.incoming or (-1,))[0]) >= min_version,
                                       timeout):
                 raise TimeoutError(f"weight version {min_version} did not arrive in {timeout}s")
             if self.error is not None:
                 raise RuntimeError("the weight broadcast group failed") from self.error
-            version, index = self.staged
+            version, index = self.staged if (self.staged or (-1,))[0] >= min_version else self.incoming
             if version <= current:
                 return version
             self.reading = index
         try:
             state = model.state_dict()
             with torch.no_grad():
-                for bucket, flat in zip(self.layout, self.snapshots[index]):
+                for flat, (_, keys), ends in zip(self.snapshots[index], self.layout, self.ends):
                     offset = 0
-                    for key in bucket:
-                        n = state[key].numel()
-                        state[key].copy_(flat[offset:offset + n].view_as(state[key]))
-                        offset += n
+                    for key, end in zip(keys, ends):
+                        with self.cond:
+                            if self.filled[index] < end and not self.cond.wait_for(
+                                    lambda: self.error is not None or self.filled[index] >= end, timeout):
+                                raise TimeoutError(f"weight version {version} stalled on the wire")
+                            if self.error is not None:
+                                raise RuntimeError("the weight broadcast group failed") from self.error
+                        t = state[key]
+                        t.copy_(flat[offset:offset + t.numel()].view(t.shape))
+                        offset += t.numel()
         finally:
             with self.cond:
                 self.reading = None
