@@ -133,9 +133,10 @@ def test_ray_teacher_pool_on_vllm(vllm_micro_teacher, micro_teacher, tmp_path):
             **common, "teacher.backend": "vllm", "teacher.num_replicas": 2, "learner.max_staleness": 0}))
         summary = ray_train(cfg, log=lambda *a: None)
         assert {p["backend"] for p in summary["placement"]["teacher"]} == {"VLLMTeacher"}
+        # The replicas pull batches as they free up: which one scored how many is a matter of timing.
         load = summary["teacher_load"]
-        assert len(load) == 2 and all(r["sequences"] > 0 for r in load)
-        assert sum(r["sequences"] for r in load) == summary["accounting"]["scored"]
+        assert set(load) <= {"teacher-0", "teacher-1"} and all(r["sequences"] > 0 for r in load.values())
+        assert sum(r["sequences"] for r in load.values()) == summary["accounting"]["scored"] > 0
         want = [json.loads(x)["loss"] for x in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
         got = [json.loads(x)["loss"] for x in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
         assert got == pytest.approx(want, abs=1e-3)

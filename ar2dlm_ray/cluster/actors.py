@@ -340,6 +340,7 @@ class LearnerWorker:
                 return None
             stats = item.stats
             n = len(item.rollouts)
+            counts["consumed"].append(stats)
             fresh = self.admission.fresh(step, stats.version)
             if not ray.get(self.ledger.claim.remote(stats.batch, "trained" if fresh or cfg.stale_policy ==
                                                      "regenerate" else "dropped")):
@@ -360,13 +361,17 @@ class LearnerWorker:
             item = self.workers._call("produce", stats.batch, newest, to_queue=False)
             counts["regenerated"] += n
             counts["retried"] += self.workers.retries - retries
+            counts["consumed"].append(item.stats)
             self.metrics.inc("regenerated_total", n)
             return item
 
     def train(self, step: int, newest: int) -> dict:
         """One optimiser step; `newest` is the newest published version (for regeneration)."""
         start = time.perf_counter()
-        counts = {"dropped_stale": 0, "regenerated": 0, "dropped_batches": 0, "retried": 0, "discarded_duplicates": 0}
+        # "consumed": the stats of every batch taken from the queue (and of a regenerated one), for the run's
+        # accounting: it counts what reached the learners, so a checkpoint counts exactly the batches before it.
+        counts = {"dropped_stale": 0, "regenerated": 0, "dropped_batches": 0, "retried": 0, "discarded_duplicates": 0,
+                  "consumed": []}
         item = self._next_item(step, newest, counts)
         if item is None:
             return {**counts, "starved": True}

@@ -275,13 +275,12 @@ class RayTrainer:
         self.stalled.discard(member.name)
         if result is not None:
             self.work[member.name] = self.work.get(member.name, 0) + 1
+        # The accounting counts batches when they reach the learners (or are left queued at the end), not here:
+        # a checkpoint then counts exactly the batches before it, however late these answers arrive.
         if call.kind == "produce":
             self.pids[member.name].add(result.pid)
-            for key in ACCOUNTED:
-                self.accounting[key] += getattr(result, key)
             self.busy_s["rollout"] += result.weights_s + result.rollout_s
         elif result is not None:  # a pull that scored a batch
-            self.accounting["scored"] += result.scored
             self.busy_s["teacher"] += result.teacher_s
             load = self.teacher_load.setdefault(member.name, {"batches": 0, "sequences": 0, "tokens": 0})
             load["batches"] += 1
@@ -446,13 +445,14 @@ class RayTrainer:
         final = self.run_dir.location("final")
         ray.get(self.learners[0].save.remote(final))
         wall = max(time.monotonic() - self.t_start, 1e-9)
+        left = self._drain_queue()  # before the accounting is copied: it counts them
         summary = {"final_student": final, "steps": self.step, "accounting": dict(self.accounting),
                    "placement": self.placement, "teacher_load": self.teacher_load,
                    "pools": {"sizes": self._sizes(), "events": self.events, "batches_delivered": self.work,
                              "busy": {"learner": self.busy_total["learner"] / wall,
                                       **{k: self.busy_total[k] / max(self.busy_total["actor_s"][k], 1e-9)
                                          for k in self.pools}}},
-                   "delivery": {**ray.get(self.ledger.summary.remote()), "left_in_queue_ids": self._drain_queue()},
+                   "delivery": {**ray.get(self.ledger.summary.remote()), "left_in_queue_ids": left},
                    "worker_deaths": self._named_deaths(),
                    **flops(self.accounting, self.n_teacher, self.n_student, self.block_size)}
         (self.run_dir.local / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -472,13 +472,20 @@ class RayTrainer:
                 except Exception:  # noqa: BLE001 - shutting down; nothing to retry
                     self.inflight.pop(ref, None)
 
+    def _account(self, produced: list) -> None:
+        """Add what producing (and scoring) these batches took to the run's accounting."""
+        for stats in produced:
+            for key in ACCOUNTED:
+                self.accounting[key] += getattr(stats, key)
+
     def _drain_queue(self) -> list[int]:
-        """Batch ids produced ahead and never consumed, for the accounting (each id once)."""
-        left = set()
+        """Batch ids produced ahead and never consumed (each id once); they count as rolled out (and scored)."""
+        left = []
         for queue in (self.queue, self.score_queue):
             while (item := queue.get_nowait()) is not None:
-                left.add(item.stats.batch)
-        return sorted(left)
+                left.append(item.stats)
+        self._account(left)
+        return sorted({stats.batch for stats in left})
 
     def _named_deaths(self) -> dict[str, int]:
         """Restarts seen per rollout worker: the processes that delivered for it, less the first."""
@@ -511,10 +518,8 @@ class RayTrainer:
                                    f"{self.run_dir.location('checkpoints')} are intact", resumable=True) from None
                 for key in ("dropped_stale", "discarded_duplicates", "regenerated", "retried"):
                     self.accounting[key] += res[key]
+                self._account(res["consumed"])
                 self.admission.replace_dropped(res["dropped_batches"])
-                if res["regenerated"]:
-                    for key in ACCOUNTED:
-                        self.accounting[key] += getattr(res["produced"], key)
                 if res.get("starved"):
                     calls[self.learners[rank].train.remote(self.step, self._published())] = rank
                 else:
