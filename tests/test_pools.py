@@ -59,13 +59,19 @@ def test_pool_picks_the_least_loaded_ready_member():
     for m in pool.resize(3)[0]:
         pool.activate(m.name)
     a, b, c = (pool.members[f"teacher-{i}"] for i in range(3))
+    assert [pool.pick(0.0).name for _ in range(4)] == ["teacher-0", "teacher-1", "teacher-2", "teacher-0"], \
+        "idle members take turns"
     a.calls, b.calls, c.calls = 2, 1, 1
-    assert pool.pick(0.0) is b, "fewest calls, lowest index on ties"
-    assert pool.pick(0.0, avoid="teacher-1") is c, "after a failure, another member"
+    assert pool.pick(0.0) is b, "fewest calls, then the one picked least recently"
+    assert pool.pick(0.0) is c and pool.pick(0.0, avoid="teacher-1") is c, "after a failure, another member"
     b.not_before = c.not_before = 10.0
     assert pool.pick(5.0) is a, "a restarting member waits out its backoff"
     a.not_before = 10.0
     assert pool.pick(5.0) is None and pool.pick(10.0) is b
+    (new,), _ = pool.resize(4)
+    pool.activate(new.name)
+    new.calls = 1
+    assert pool.pick(10.0) is new, "a member that just joined gets work before busier ones"
 
 
 def test_resize_requests_are_checked_before_they_reach_the_job():

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import ray
@@ -249,6 +250,7 @@ class LearnerWorker:
         self.cfg, self.rank, self.world, self.queue = cfg, rank, world, queue
         self.student, self.learner = self.build_learner(cfg, teacher_path, total_steps)
         self.admission = Admission.from_config(cfg, total_steps)
+        self.total_steps, self.prefetched = total_steps, None
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.ledger = ray.get_actor(LEDGER_NAME)
         self.workers = RoundRobin(worker_names, "rollout", start=rank, call_timeout_s=cfg.rollout.call_timeout_s)
@@ -365,17 +367,46 @@ class LearnerWorker:
             self.metrics.inc("regenerated_total", n)
             return item
 
+    @staticmethod
+    def _counts() -> dict:
+        # "consumed": the stats of every batch taken from the queue (and of a regenerated one), for the run's
+        # accounting: it counts what reached the learners, so a checkpoint counts exactly the batches before it.
+        return {"dropped_stale": 0, "regenerated": 0, "dropped_batches": 0, "retried": 0, "discarded_duplicates": 0,
+                "consumed": []}
+
+    def _prefetch(self, step: int, newest: int) -> None:
+        """Fetch the batch of `step` on a thread while this one trains: taking a batch (tens of MB of targets
+        through the queue actor) then costs the learner nothing between steps."""
+        box = {"counts": self._counts(), "item": None, "error": None}
+
+        def fetch():
+            try:
+                box["item"] = self._next_item(step, newest, box["counts"])
+            except BaseException as exc:  # noqa: BLE001 - raised by the train call that wanted the batch
+                box["error"] = exc
+
+        box["thread"] = threading.Thread(target=fetch, daemon=True, name="prefetch")
+        box["thread"].start()
+        self.prefetched = box
+
     def train(self, step: int, newest: int) -> dict:
         """One optimiser step; `newest` is the newest published version (for regeneration)."""
         start = time.perf_counter()
-        # "consumed": the stats of every batch taken from the queue (and of a regenerated one), for the run's
-        # accounting: it counts what reached the learners, so a checkpoint counts exactly the batches before it.
-        counts = {"dropped_stale": 0, "regenerated": 0, "dropped_batches": 0, "retried": 0, "discarded_duplicates": 0,
-                  "consumed": []}
-        item = self._next_item(step, newest, counts)
+        counts, item = self._counts(), None
+        box, self.prefetched = self.prefetched, None
+        if box is not None:
+            box["thread"].join()
+            if box["error"] is not None:
+                raise box["error"]
+            # The driver asks for step k + 1 right after step k (a starved call starts no prefetch).
+            item, counts = box["item"], box["counts"]  # with what fetching it took (drops, duplicates)
+        if item is None:
+            item = self._next_item(step, newest, counts)
         if item is None:
             return {**counts, "starved": True}
         t_data = time.perf_counter()
+        if step + 1 < self.total_steps:
+            self._prefetch(step + 1, newest)
         rollouts, targets, produced = item.rollouts, item.targets, item.stats
         out = self.learner.train_step(rollouts, targets, step)
         now = time.perf_counter()

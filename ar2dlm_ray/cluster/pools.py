@@ -21,6 +21,7 @@ class Member:
     calls: int = 0  # calls in flight
     since: float = 0.0  # when the call it is working on began (about: when the one before it returned)
     not_before: float = 0.0  # after a failure: a restarting actor refuses calls for a while
+    picked: int = -1  # when it was last picked (a sequence number)
 
 
 class Pool:
@@ -28,6 +29,7 @@ class Pool:
         self.kind, self._start = kind, start
         self.members: dict[str, Member] = {}
         self.started = 0  # indices are never reused: a stopped actor's name is released asynchronously
+        self.picks = 0
 
     def live(self) -> list[Member]:
         """Members that count towards the size: starting or active."""
@@ -62,13 +64,16 @@ class Pool:
             self.members[name].state = "active"
 
     def pick(self, now: float, avoid: str | None = None) -> Member | None:
-        """The active member with the fewest calls in flight (lowest index on ties), preferring one other than
-        `avoid` (where a call just failed); None when no member can take a call now."""
+        """The active member with the fewest calls in flight (on ties, the one picked least recently, so idle
+        members take turns and a new one gets work at once), preferring one other than `avoid` (where a call
+        just failed); None when no member can take a call now."""
         ready = [m for m in self.members.values() if m.state == "active" and m.not_before <= now]
         if not ready:
             return None
         others = [m for m in ready if m.name != avoid] or ready
-        return min(others, key=lambda m: (m.calls, m.index))
+        chosen = min(others, key=lambda m: (m.calls, m.picked, m.index))
+        chosen.picked, self.picks = self.picks, self.picks + 1
+        return chosen
 
     def retire(self) -> list[Member]:
         """Draining members with nothing in flight: removed here, for the caller to stop."""
