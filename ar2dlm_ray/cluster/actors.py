@@ -336,7 +336,6 @@ class LearnerWorker:
         None when the queue stays empty, so the driver can feed the producers and call again."""
         cfg = self.cfg.learner
         while True:
-            self.metrics.set("queue_depth", self.queue.qsize())
             item = self.queue.get(timeout=STARVED_S)
             if item is None:
                 return None

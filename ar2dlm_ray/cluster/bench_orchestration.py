@@ -42,6 +42,7 @@ class Spec:
     rate: float  # the bound, batches/s: sets the time unit
     steps: int
     scale: tuple = ()  # ((at step, {pool: size}), ...) asked of the pool controller mid-run
+    autoscale: tuple = ()  # ray.autoscale overrides: the policy sizes the producer pools from their backlog
     sim: dict = field(default_factory=dict)  # other Sim fields (message sizes)
 
 
@@ -51,8 +52,12 @@ FULL = (
     Spec("balanced-4/2/1", (4, 2, 1), "balanced", 0.5, 22),
     Spec("paper-16/8/4", (16, 8, 4), "paper", 2.0, 20),
     Spec("balanced-16/8/4", (16, 8, 4), "balanced", 2.0, 24),
-    Spec("scale-2/1/1-8/4/1-2/1/1", (2, 1, 1), "balanced", 0.5, 44,
+    Spec("scale-2/1/1-8/4/1-2/1/1", (2, 1, 1), "balanced", 0.5, 56,
          scale=((8, {"rollout": 8, "teacher": 4}), (32, {"rollout": 2, "teacher": 1}))),
+    # Starts rollout-bound at 1/1/1; the balanced size for one learner is 4/2/1.
+    Spec("autoscale-from-1/1/1", (1, 1, 1), "balanced", 1.0, 60,
+         autoscale=("ray.autoscale.enabled=true", "ray.autoscale.interval_s=5", "ray.autoscale.rollout=[1,8]",
+                    "ray.autoscale.teacher=[1,4]")),
 )
 QUICK = (Spec("paper-1/1/1", (1, 1, 1), "paper", 2.0, 12),)
 
@@ -173,7 +178,7 @@ def run_one(spec: Spec, config: str, overrides: list[str], out: Path, log=print)
         "learner.transport=object_store", "learner.publish_every=1",
         # Staleness never limits: admission may run `queue_size + producers` batches ahead (~10 versions at
         # 16/8/4), well inside 64.
-        "learner.max_staleness=64", f"ray.queue_size={4 * l}", "ray.autoscale.enabled=false",
+        "learner.max_staleness=64", f"ray.queue_size={4 * l}", "ray.autoscale.enabled=false", *spec.autoscale,
         *overrides])
     sizes = {"rollout": cfg.rollout.num_workers, "teacher": cfg.teacher.num_replicas,
              "learner": cfg.learner.num_workers}
@@ -205,7 +210,7 @@ def run_one(spec: Spec, config: str, overrides: list[str], out: Path, log=print)
     report = {"name": spec.name, "pools": sizes, "profile": spec.profile, "ratios": ratios(spec.profile),
               "stage_s": seconds, "steps": len(metrics), "startup_s": round(started, 1),
               "run_s": round(metrics[-1]["end_s"] + metrics[0]["step_s"], 1)}
-    if spec.scale:
+    if spec.scale or spec.autoscale:
         report["events"] = summary["pools"]["events"]
         report["phases"] = [{"pools": seg[0]["pools"], "first_step": seg[0]["step"], **measure(seg, seconds),
                              "steady": measure(seg[len(seg) // 3:], seconds) if len(seg) >= 3 else None}
@@ -219,7 +224,7 @@ def run_one(spec: Spec, config: str, overrides: list[str], out: Path, log=print)
                    "accounting": accounting(summary, metrics, sizes["learner"], sim.rollouts)})
     log(f"[bench] {spec.name}: " + (f"throughput/bound {report['throughput_vs_bound']:.3f}, busy "
                                     + ", ".join(f"{k} {v:.2f}" for k, v in report["busy"].items())
-                                    if not spec.scale else "phases " + ", ".join(
+                                    if not (spec.scale or spec.autoscale) else "phases " + ", ".join(
                                         f"{p['pools']} {p['throughput_vs_bound']:.2f}" for p in report["phases"]))
         + f", accounting exact: {report['accounting']['exact']}, startup {started:.0f}s")
     return report

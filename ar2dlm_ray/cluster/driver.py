@@ -325,6 +325,7 @@ class RayTrainer:
             self.placement[kind].append(info)
             self.pids[member.name] = {info["pid"]}
             self.log(f"[ray] {member.name} joined the {kind} pool")
+            self.window = _window(time.monotonic())  # the autoscaler judges the pools as they are now, not ramping up
             self._report()
 
     # ---- elastic pools ------------------------------------------------------------------------------
@@ -335,7 +336,8 @@ class RayTrainer:
         self.next_poll = now + POLL_S
         self._retire()
         wanted, why = ray.get(self.controller.take.remote()), "requested"
-        if not wanted and self.autoscaler is not None and self.autoscaler.due(now):
+        if (not wanted and self.autoscaler is not None and self.autoscaler.due(now)
+                and now - self.window["since"] >= self.autoscaler.interval_s):
             span = max(now - self.window["since"], 1e-9)
             sizes = {k: max(1, p.size) for k, p in self.pools.items()}
             busy = {k: self.window["busy"][k] / (span * sizes[k]) for k in self.pools}
@@ -495,6 +497,8 @@ class RayTrainer:
         """One optimiser step on every learner rank, feeding the producers meanwhile."""
         self._pump()
         calls = {lw.train.remote(self.step, self._published()): rank for rank, lw in enumerate(self.learners)}
+        # The queue depths recorded with this step, asked now so that the answers do not hold up its end.
+        self.depths = [self.queue.actor.qsize.remote(), self.score_queue.actor.qsize.remote()]
         results: dict[int, dict] = {}
         deadline = time.monotonic() + self.cfg.ray.timeout_s
         while calls:
@@ -550,6 +554,8 @@ class RayTrainer:
         self.window["wait"] += max(0.0, step_s - train_s)
         for kind, fraction in busy.items():
             Metrics(kind, run_name(cfg), actor="driver").set("pool_busy", fraction)
+        ready, scoring = ray.get(self.depths)
+        self.metrics.set("queue_depth", ready)
         return {
             "step": self.step + 1, "batch": produced[0].batch, "batches": [p.batch for p in produced],
             "recipe": cfg.train.recipe, "loss": loss, "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"],
@@ -559,8 +565,8 @@ class RayTrainer:
             "mean_gen_len": tokens / max(1, sum(r["trained_on"] for r in results)),
             "tokens_trained": acc["tokens_trained"], "tokens_per_forward": tokens / forwards if forwards else None,
             "version": min(p.version for p in produced), "version_lag": max(r["version_lag"] for r in results),
-            "queue_depth": self.admission.ahead, "ready_depth": self.queue.qsize(),
-            "score_backlog": self.score_queue.qsize(), "pools": sizes,
+            "queue_depth": self.admission.ahead, "ready_depth": ready,
+            "score_backlog": scoring, "pools": sizes,
             "busy": {**busy, "learner": train_s / step_s}, "rollout_s": max(p.rollout_s for p in produced),
             "teacher_s": max(p.teacher_s for p in produced), "train_s": train_s,
             "wait_s": max(r["wait_s"] for r in results), "publish_s": results[0]["publish_s"], "step_s": step_s,

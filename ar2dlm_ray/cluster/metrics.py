@@ -12,7 +12,7 @@ import ray
 from ray.util import metrics
 
 _GAUGES = {
-    "queue_depth": "rollout batches waiting in the queue",
+    "queue_depth": "scored rollout batches waiting for the learners (seen by the driver at each step's start)",
     "rollouts_per_s": "rollouts produced per second by a worker",
     "generated_tokens_per_s": "student tokens generated per second by a worker",
     "teacher_tokens_per_s": "tokens scored per second by a teacher replica",
