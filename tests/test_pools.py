@@ -90,11 +90,14 @@ def test_autoscaler_grows_the_bottleneck_and_shrinks_idle_pools_within_limits():
     auto = Autoscaler({"rollout": (1, 4), "teacher": (1, 2)}, interval_s=10)
     assert not auto.due(0.0) and not auto.due(9.0) and auto.due(10.0)
     sizes = {"rollout": 2, "teacher": 1}
-    # The learners waited 30 % of the time and the teacher was the busiest: it grows.
-    assert auto.decide(10.0, sizes, {"rollout": 0.6, "teacher": 0.95}, learner_wait=0.3) == {"teacher": 2}
+    # The learners waited 30 % of the time with batches queued for scoring: the teacher pool grows ...
+    assert auto.decide(10.0, sizes, {"rollout": 0.6, "teacher": 0.95}, learner_wait=0.3, score_backlog=1.5) == \
+        {"teacher": 2}
     assert not auto.due(15.0) and auto.due(20.0), "the next decision judges a fresh interval"
+    # ... with nothing queued for scoring the rollout workers are behind, however busy the teachers look.
+    assert auto.decide(20.0, sizes, {"rollout": 0.9, "teacher": 0.95}, 0.3, score_backlog=0.2) == {"rollout": 3}
     # At its maximum the bottleneck cannot grow; growing the other pool would not help.
-    assert auto.decide(20.0, {"rollout": 2, "teacher": 2}, {"rollout": 0.6, "teacher": 0.99}, 0.3) == {}
+    assert auto.decide(20.0, {"rollout": 2, "teacher": 2}, {"rollout": 0.6, "teacher": 0.99}, 0.3, 4.0) == {}
     # The learners never waited: the least busy pool below the threshold shrinks, never under its minimum.
     assert auto.decide(30.0, {"rollout": 4, "teacher": 2}, {"rollout": 0.3, "teacher": 0.4}, 0.0) == {"rollout": 3}
     assert auto.decide(40.0, {"rollout": 1, "teacher": 1}, {"rollout": 0.1, "teacher": 0.1}, 0.0) == {}

@@ -1,8 +1,10 @@
 """The optional autoscaling policy (`ray.autoscale`): every `interval_s` it looks at the last interval and
 moves one pool by one actor, within its [min, max].
 
-- The learners waited for data more than `grow_above_wait` of the time: the producers are the bottleneck,
-  and the busiest producer pool grows (the one whose actors had the least idle time).
+- The learners waited for data more than `grow_above_wait` of the time: the producers are the bottleneck.
+  Which one, the backlog says: when batches waited to be scored (on average at least half a batch per
+  teacher replica), the teacher pool grows; otherwise the rollout workers are not keeping up, and they grow.
+  (Busy fractions of two saturated pools differ by noise; a queue in front of a stage does not.)
 - The learners hardly waited (< `shrink_below_wait`): a producer pool whose actors were busy less than
   `shrink_below_busy` of the time has more actors than the learners need, and shrinks.
 
@@ -33,9 +35,11 @@ class Autoscaler:
             self.last = now
         return now - self.last >= self.interval_s
 
-    def decide(self, now: float, sizes: dict[str, int], busy: dict[str, float], learner_wait: float) -> dict[str, int]:
+    def decide(self, now: float, sizes: dict[str, int], busy: dict[str, float], learner_wait: float,
+               score_backlog: float = 0.0) -> dict[str, int]:
         """New sizes for the pools that change ({} for none); call when `due`. `busy`: each producer pool's
-        busy fraction over the interval, `learner_wait`: the learners' fraction of it spent waiting."""
+        busy fraction over the interval, `learner_wait`: the learners' fraction of it spent waiting,
+        `score_backlog`: the mean number of batches waiting for a teacher replica."""
         self.last = now
         pools = [p for p in self.limits if p in sizes]
         clamped = {p: min(max(sizes[p], self.limits[p][0]), self.limits[p][1]) for p in pools}
@@ -43,10 +47,10 @@ class Autoscaler:
         if changes:
             return changes
         if learner_wait > self.grow_above_wait:
-            for pool in sorted(pools, key=lambda p: busy.get(p, 0.0), reverse=True):
-                if sizes[pool] < self.limits[pool][1]:
-                    return {pool: sizes[pool] + 1}
-                return {}  # the bottleneck is at its maximum: growing another pool would not help
+            teachers_behind = "teacher" in pools and score_backlog >= 0.5 * sizes["teacher"]
+            pool = "teacher" if teachers_behind or "rollout" not in pools else "rollout"
+            # At its maximum the bottleneck stays: growing the other pool would not help.
+            return {pool: sizes[pool] + 1} if sizes[pool] < self.limits[pool][1] else {}
         if learner_wait < self.shrink_below_wait:
             idle = [p for p in pools if busy.get(p, 1.0) < self.shrink_below_busy and sizes[p] > self.limits[p][0]]
             if idle:

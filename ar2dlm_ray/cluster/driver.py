@@ -123,8 +123,9 @@ class Call:
 
 
 def _window(now: float) -> dict:
-    """What the autoscaler judges: busy seconds per producer pool and learner wait since `now`."""
-    return {"since": now, "busy": {"rollout": 0.0, "teacher": 0.0}, "wait": 0.0}
+    """What the autoscaler judges since `now`: busy seconds per producer pool, the learners' waiting seconds,
+    and the batches waiting to be scored (summed over steps)."""
+    return {"since": now, "busy": {"rollout": 0.0, "teacher": 0.0}, "wait": 0.0, "backlog": 0, "steps": 0}
 
 
 class RayTrainer:
@@ -341,7 +342,8 @@ class RayTrainer:
             span = max(now - self.window["since"], 1e-9)
             sizes = {k: max(1, p.size) for k, p in self.pools.items()}
             busy = {k: self.window["busy"][k] / (span * sizes[k]) for k in self.pools}
-            wanted, why = self.autoscaler.decide(now, sizes, busy, self.window["wait"] / span), "autoscale"
+            backlog = self.window["backlog"] / max(1, self.window["steps"])
+            wanted, why = self.autoscaler.decide(now, sizes, busy, self.window["wait"] / span, backlog), "autoscale"
             self.window = _window(now)
         for kind, size in wanted.items():
             self._resize(kind, size, why)
@@ -556,6 +558,8 @@ class RayTrainer:
             Metrics(kind, run_name(cfg), actor="driver").set("pool_busy", fraction)
         ready, scoring = ray.get(self.depths)
         self.metrics.set("queue_depth", ready)
+        self.window["backlog"] += scoring
+        self.window["steps"] += 1
         return {
             "step": self.step + 1, "batch": produced[0].batch, "batches": [p.batch for p in produced],
             "recipe": cfg.train.recipe, "loss": loss, "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"],
