@@ -3,8 +3,10 @@ a rollout batch loses nothing, and pools resized mid-run (from the command line 
 controller) keep exact accounting: every rollout batch is trained once, dropped as stale, or still queued
 when training ends, and nothing is rolled out that is not accounted for."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -44,13 +46,21 @@ def test_the_stages_overlap_and_a_batch_held_by_a_dying_teacher_is_scored_by_ano
     victim: dict = {}
     done = threading.Event()
 
+    pids = {f"teacher-{i}": info["pid"] for i, info in enumerate(trainer.placement["teacher"])}
+
     def kill_a_teacher_holding_a_batch():
+        """Freeze a replica that holds a batch (so it cannot finish and ack it meanwhile), check that it still
+        holds it, and kill it; if it acked just before it froze, let it go on and try again."""
         queue = ray.get_actor(SCORE_QUEUE_NAME)
         while not done.is_set() and not victim:
             for holder, batches in ray.get(queue.holders.remote()).items():
                 if batches and batches[0] >= 2:
-                    victim.update(name=holder, batch=batches[0])
-                    ray.kill(ray.get_actor(holder), no_restart=False)
+                    os.kill(pids[holder], signal.SIGSTOP)
+                    if batches[0] in ray.get(queue.holders.remote()).get(holder, []):
+                        victim.update(name=holder, batch=batches[0])
+                        ray.kill(ray.get_actor(holder), no_restart=False)
+                    with contextlib.suppress(ProcessLookupError):  # gone already if it was killed
+                        os.kill(pids[holder], signal.SIGCONT)
                     break
             time.sleep(0.01)
 
