@@ -18,6 +18,18 @@ from ar2dlm_ray.config import load_config
 from test_ray import ray_overrides
 
 
+def run_beside(trainer, fault, done: threading.Event) -> dict:
+    """Train while `fault` (which stops once `done` is set) runs on a thread; the run's summary."""
+    thread = threading.Thread(target=fault, daemon=True)
+    thread.start()
+    try:
+        return trainer.run()
+    finally:
+        done.set()
+        thread.join()
+        trainer.close()
+
+
 @contextlib.contextmanager
 def _stalled(pid: int):
     """The process stops answering (SIGSTOP), as a hung actor does; it is killed afterwards if Ray has not."""
@@ -68,14 +80,7 @@ def test_random_kills_train_every_batch_exactly_once(micro_teacher, tmp_path, lo
             except Exception:  # noqa: BLE001 - it may be restarting; try another moment
                 pass
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    try:
-        summary = trainer.run()
-    finally:
-        done.set()
-        thread.join()
-        trainer.close()
+    summary = run_beside(trainer, killer, done)
     metrics = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     acc, delivery = summary["accounting"], summary["delivery"]
     trained = [b for m in metrics for b in m["batches"]]

@@ -17,6 +17,7 @@ import ray
 from ar2dlm_ray.config import load_config
 
 from test_ray import local_ray, ray_overrides  # noqa: F401 - the module's Ray
+from test_ray_chaos import run_beside
 
 
 def _metrics(out_dir):
@@ -64,14 +65,7 @@ def test_the_stages_overlap_and_a_batch_held_by_a_dying_teacher_is_scored_by_ano
                     break
             time.sleep(0.01)
 
-    thread = threading.Thread(target=kill_a_teacher_holding_a_batch, daemon=True)
-    thread.start()
-    try:
-        summary = trainer.run()
-    finally:
-        done.set()
-        thread.join()
-        trainer.close()
+    summary = run_beside(trainer, kill_a_teacher_holding_a_batch, done)
     metrics = _metrics(tmp_path)
     assert victim, "no teacher was caught holding a batch"
     assert any(f"{victim['name']} failed holding rollout batch(es) [{victim['batch']}" in line for line in logs), logs
