@@ -133,7 +133,7 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
         "learner.max_staleness": 1, "learner.stale_policy": "regenerate", "train.checkpoint_every": 3}))
     killed = {}
     trainer = RayTrainer(cfg, lambda *a: None)
-    call = trainer._call
+    call = trainer.producers._call
 
     def call_then_kill(member, ref, kind, batch=None, attempt=0):
         # Fault injection: the worker dies with this batch in flight, and a teacher replica dies too.
@@ -143,7 +143,7 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
             ray.kill(member.handle, no_restart=False)
             ray.kill(ray.get_actor("teacher-1"), no_restart=False)
 
-    trainer._call = call_then_kill
+    trainer.producers._call = call_then_kill
     try:
         before = {a["pid"] for a in trainer.placement["teacher"] + trainer.placement["rollout"]}
         # A rollout from a long-gone weight version arrives first: it must be regenerated, not trained on.

@@ -86,14 +86,15 @@ def _drive_until(trainer, done, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
         assert time.monotonic() < deadline, "the pools did not reach the asked sizes"
-        trainer.next_poll = 0.0
-        trainer._pump()
-        for ref in ray.wait(list(trainer.inflight), num_returns=1, timeout=0.2)[0] if trainer.inflight else ():
-            trainer._on_done(ref)
+        producers = trainer.producers
+        producers.next_poll = 0.0
+        producers.pump(trainer.step)
+        for ref in ray.wait(list(producers.inflight), num_returns=1, timeout=0.2)[0] if producers.inflight else ():
+            producers.on_done(ref)
 
 
 def _settled(trainer, rollout: int, teacher: int) -> bool:
-    pools = trainer.pools
+    pools = trainer.producers.pools
     return all(len(pools[k].members) == n and all(m.state == "active" for m in pools[k].members.values())
                for k, n in (("rollout", rollout), ("teacher", teacher)))
 
