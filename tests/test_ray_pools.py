@@ -167,3 +167,26 @@ def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro
     acc, delivery = summary["accounting"], summary["delivery"]
     assert acc["rolled_out"] == 8 * (delivery["trained"] + delivery["dropped"] + delivery["discarded_duplicates"]
                                      + len(delivery["left_in_queue_ids"])), (acc, delivery)
+
+
+def test_a_recipe_without_teacher_targets_skips_the_scoring_stage(micro_teacher, tmp_path, local_ray):  # noqa: F811
+    """sft: the teacher generates x0 (direct calls), nothing is scored, batches go straight to the learners;
+    with one actor per pool and max_staleness 0 the run still equals the local trainer's."""
+    from ar2dlm_ray.cluster.driver import RayTrainer
+    from ar2dlm_ray.trainer import LocalTrainer
+
+    common = {"train.recipe": "sft", "train.max_steps": 3}
+    LocalTrainer(load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path / "local", **common)),
+                 log=lambda *a: None).run()
+    cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path / "ray", mode="ray", **{
+        **common, "learner.max_staleness": 0}))
+    trainer = RayTrainer(cfg, lambda *a: None)
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    want, got = _metrics(tmp_path / "local"), _metrics(tmp_path / "ray")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(want, got)) < 1e-5 and len(got) == 3
+    assert summary["accounting"]["scored"] == 0 and summary["teacher_load"] == {}
+    assert all(m["score_backlog"] == 0 for m in got)
+    _check_accounting(summary, got, 8)
