@@ -149,8 +149,14 @@ def cmd_demo(args) -> None:
     rows["student after"] = evaluate_student(after, teacher, cfg, data, samples["student after"])
     table = format_table(rows)
     prompts = [teacher.tokenizer.decode(p) for p in data.text_prompts[:cfg.eval.num_samples_shown]]
+    fingerprint = None
+    if (Path(teacher_path) / "pretrain_report.json").is_file():  # the micro teacher: which one, exactly
+        from .pretrain import teacher_fingerprint
+
+        fingerprint = teacher_fingerprint(teacher_path)
     result = {"rows": rows, "samples": {"prompts": prompts, **samples}, "training": summary, "teacher": teacher_path,
-              "student_before": str(before_dir), "wall_s": time.perf_counter() - start}
+              "teacher_fingerprint": fingerprint, "student_before": str(before_dir),
+              "wall_s": time.perf_counter() - start}
     (out_dir / "demo_results.json").write_text(json.dumps(result, indent=2))
     for i, prompt in enumerate(prompts):
         _log(f"\n--- held-out prompt {i}: {prompt!r}")
@@ -158,6 +164,12 @@ def cmd_demo(args) -> None:
             _log(f"  {name}: {texts[i]!r}")
     _log("\n" + table)
     _log("(teacher row: AR greedy decoding, tokens per forward 1; its heldout_nelbo column is its exact AR NLL)")
+    if fingerprint:
+        # Two runs print the same table only with the same teacher: compare these with the README's.
+        _log(f"[demo] teacher {fingerprint['key']}: weights sha256 {fingerprint['weights_sha256']}, tokenizer "
+             f"sha256 {fingerprint['tokenizer_sha256']}; pretrained with {fingerprint['threads']} threads, "
+             f"CPU kernels {fingerprint['cpu_capability'] or '(not recorded)'}, torch "
+             f"{fingerprint['torch'] or '(not recorded)'}")
     _log(f"[demo] {summary['steps']} OPDLM steps on {summary['accounting']['tokens_trained']} training tokens; "
          f"total {result['wall_s']:.0f}s; results in {out_dir / 'demo_results.json'}")
 

@@ -40,6 +40,45 @@ def teacher_dir(pcfg: PretrainConfig, dcfg: DataConfig) -> Path:
     return Path(pcfg.cache_dir).expanduser() / teacher_key(pcfg, dcfg)
 
 
+def weights_digest(model_dir: str | Path) -> str:
+    """sha256 (first 12 hex digits) of a checkpoint's tensors: names, dtypes, shapes and bytes, in name order.
+
+    Unlike the file's hash it does not depend on how the safetensors header was written, so two teachers
+    have the same digest exactly when they have the same weights.
+    """
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(Path(model_dir) / "model.safetensors"), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:12]
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def teacher_fingerprint(model_dir: str | Path) -> dict:
+    """What identifies a pretrained micro teacher, for telling whether two runs used the same one: its cache
+    key, the digest of its weights and of its tokenizer, and where it was trained (thread count, torch's CPU
+    kernel set, torch version). Teachers cached before these were recorded get their digests computed here
+    and report the rest as None."""
+    model_dir = Path(model_dir)
+    report_file = model_dir / "pretrain_report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    return {
+        "key": report.get("key", model_dir.name),
+        "weights_sha256": report.get("weights_sha256") or weights_digest(model_dir),
+        "tokenizer_sha256": report.get("tokenizer_sha256") or file_digest(model_dir / "tokenizer.json"),
+        "threads": report.get("threads"),
+        "cpu_capability": report.get("cpu_capability"),
+        "torch": report.get("torch"),
+    }
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE with digits split one per token, so addition works digit by digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -231,6 +270,10 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
             "wall_seconds": round(time.time() - t0, 1),
             "num_params": n_params,
             "threads": torch.get_num_threads(),
+            # The weights depend on torch's CPU kernels (AVX2, AVX512, ARM...), not on the thread count:
+            # measured on 1 to 16 threads, identical; with ATEN_CPU_CAPABILITY=avx2 instead of AVX512, different.
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__,
             "text_samples": samples,
             "config": pcfg.model_dump(mode="json"),
             "data": dcfg.model_dump(mode="json", include={"text_files", "dataset", "dataset_column", "seed"}),
@@ -245,6 +288,8 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            report["weights_sha256"] = weights_digest(tmp)
+            report["tokenizer_sha256"] = file_digest(tmp / "tokenizer.json")
             (tmp / "pretrain_report.json").write_text(json.dumps(report, indent=2))
             os.replace(tmp, out)
         except OSError:
@@ -253,7 +298,8 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        log(f"[pretrain] saved {out}")
+        log(f"[pretrain] saved {out} (weights sha256 {report['weights_sha256']}, {report['threads']} threads, "
+            f"{report['cpu_capability']})")
         return out
     finally:
         torch.set_num_threads(prev_threads)

@@ -47,3 +47,32 @@ def test_tiny_pretrain_writes_checkpoint_and_caches(tmp_path):
     assert greedy_generate(model, tok, prompts, 6, batch_size=13) == greedy_generate(model, tok, prompts, 6, batch_size=1)
     acc = teacher_accuracy(model, tok, examples, batch_size=13)
     assert set(acc) == {"arith", "facts", "overall"} and 0.0 <= acc["overall"] <= 1.0
+
+
+def test_pretrain_is_reproducible_and_independent_of_threads(tmp_path):
+    """The same config gives the same teacher, bit for bit, with 1 or 2 torch threads (a newcomer's run can be
+    told apart from the README's by the weights digest alone). Across CPU kernel sets it need not: with
+    ATEN_CPU_CAPABILITY=avx2 instead of AVX512 the weights differ after a few steps."""
+    from safetensors.torch import load_file
+
+    from ar2dlm_ray.pretrain import teacher_fingerprint, weights_digest
+
+    outs = [pretrain_teacher(PretrainConfig(cache_dir=str(tmp_path / f"threads{n}"), threads=n, **TINY), DataConfig(),
+                             log=lambda *a: None) for n in (1, 2)]
+    assert outs[0].name == outs[1].name  # the thread count is not part of the cache key
+    a, b = (load_file(o / "model.safetensors") for o in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (outs[0] / "tokenizer.json").read_bytes() == (outs[1] / "tokenizer.json").read_bytes()
+
+    reports = [json.loads((o / "pretrain_report.json").read_text()) for o in outs]
+    assert [r["threads"] for r in reports] == [1, 2]
+    assert reports[0]["accuracy"] == reports[1]["accuracy"] and reports[0]["final_loss"] == reports[1]["final_loss"]
+    fps = [teacher_fingerprint(o) for o in outs]
+    assert fps[0]["weights_sha256"] == fps[1]["weights_sha256"] == weights_digest(outs[0])
+    assert fps[0]["tokenizer_sha256"] == fps[1]["tokenizer_sha256"]
+    assert fps[0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and fps[0]["torch"] == torch.__version__
+    # A teacher cached before the digests were recorded gets them computed.
+    for r in reports:
+        del r["weights_sha256"], r["tokenizer_sha256"]
+    (outs[1] / "pretrain_report.json").write_text(json.dumps(reports[1]))
+    assert teacher_fingerprint(outs[1])["weights_sha256"] == fps[0]["weights_sha256"]
