@@ -78,11 +78,13 @@ def cmd_train(args) -> None:
 
 def cmd_pretrain(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    from .pretrain import pretrain_teacher
+    from .pretrain import pretrain_teacher, teacher_fingerprint
 
     path = pretrain_teacher(cfg.pretrain, cfg.data, log=_log)
     report = path / "pretrain_report.json"
-    _log(json.dumps({"teacher": str(path), **(json.loads(report.read_text()) if report.exists() else {})}))
+    # The fingerprint too: a teacher cached before the digests were recorded gets them computed.
+    _log(json.dumps({"teacher": str(path), **(json.loads(report.read_text()) if report.exists() else {}),
+                     "fingerprint": teacher_fingerprint(path)}))
 
 
 def _eval_models(cfg, student_dir: str | None, teacher_dir: str):
