@@ -3,6 +3,7 @@ dying actors (retries counted), stale rollouts (regenerated) and a data-parallel
 
 import json
 import math
+import time
 
 import pytest
 import ray
@@ -27,6 +28,20 @@ def ray_overrides(teacher, out_dir, **extra):
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def pid_once_up(actor, timeout_s: float = 120) -> int:
+    """The actor's pid, once its restart (if any) is done: the run may end before it is."""
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(actor.info.remote())["pid"]
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _metrics(out_dir):
@@ -152,7 +167,7 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
         stale.stats.version = -5
         trainer.queue.put(stale)
         summary = trainer.run()
-        after = {ray.get(a.info.remote())["pid"] for a in trainer.teachers + trainer.workers}
+        after = {pid_once_up(a) for a in trainer.teachers + trainer.workers}
         weights = ray.get([lw.state.remote() for lw in trainer.learners])
     finally:
         trainer.close()

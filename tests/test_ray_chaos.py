@@ -15,7 +15,7 @@ import ray
 
 from ar2dlm_ray.config import load_config
 
-from test_ray import ray_overrides
+from test_ray import pid_once_up, ray_overrides
 
 
 def run_beside(trainer, fault, done: threading.Event) -> dict:
@@ -137,24 +137,10 @@ def test_a_stalled_teacher_is_abandoned_restarted_and_the_call_retried(micro_tea
         start = time.monotonic()
         summary = trainer.run()
         wall = time.monotonic() - start
-        now = _pid_once_up(trainer.teachers[1])
+        now = pid_once_up(trainer.teachers[1])
     assert now != stopped, "the stalled replica was restarted"
     assert summary["accounting"]["retried"] >= 1 and summary["steps"] == 4
     assert wall < cfg.ray.timeout_s / 10, wall
-
-
-def _pid_once_up(actor, timeout_s: float = 120) -> int:
-    """The actor's pid, once its restart (if any) is done: the run may end before it is."""
-    from ray.exceptions import ActorUnavailableError
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return ray.get(actor.info.remote())["pid"]
-        except ActorUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def test_an_unreachable_ray_address_fails_fast_with_one_line():
