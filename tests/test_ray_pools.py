@@ -3,7 +3,6 @@ a rollout batch loses nothing, and pools resized mid-run (from the command line 
 controller) keep exact accounting: every rollout batch is trained once, dropped as stale, or still queued
 when training ends, and nothing is rolled out that is not accounted for."""
 
-import contextlib
 import json
 import os
 import signal
@@ -51,16 +50,18 @@ def test_the_stages_overlap_and_a_batch_held_by_a_dying_teacher_is_scored_by_ano
 
     def kill_a_teacher_holding_a_batch():
         """Freeze a replica that holds a batch (so it cannot finish and ack it meanwhile), check that it still
-        holds it, and kill it; if it acked just before it froze, let it go on and try again."""
+        holds it, and kill its process; if it acked just before it froze, let it go on and try again."""
         queue = ray.get_actor(SCORE_QUEUE_NAME)
         while not done.is_set() and not victim:
             for holder, batches in ray.get(queue.holders.remote()).items():
                 if batches and batches[0] >= 2:
                     os.kill(pids[holder], signal.SIGSTOP)
                     if batches[0] in ray.get(queue.holders.remote()).get(holder, []):
+                        # Killed while frozen (ray.kill is asynchronous: a thawed process could still ack); Ray
+                        # restarts it.
                         victim.update(name=holder, batch=batches[0])
-                        ray.kill(ray.get_actor(holder), no_restart=False)
-                    with contextlib.suppress(ProcessLookupError):  # gone already if it was killed
+                        os.kill(pids[holder], signal.SIGKILL)
+                    else:
                         os.kill(pids[holder], signal.SIGCONT)
                     break
             time.sleep(0.01)
