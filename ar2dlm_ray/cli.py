@@ -275,13 +275,13 @@ def cmd_experiment(args) -> None:
 
     exp = load_experiment_config(args.config, args.overrides, smoke=args.smoke)
     updates = {k: v for k, v in (("parallel", args.parallel), ("results_dir", args.results_dir),
-                                 ("work_dir", args.work_dir)) if v is not None}
+                                 ("work_dir", args.work_dir), ("runner", args.runner)) if v is not None}
     exp = exp.model_copy(update=updates)
     experiment = Experiment(exp, _log)
     if args.summarize_only:
         _log(format_headline(experiment.summarize()))
     else:
-        experiment.run()
+        experiment.run(stop_after_s=None if args.stop_after is None else 60 * args.stop_after)
     _log(f"[experiment] summary, report and plots in {experiment.out}")
 
 
@@ -446,7 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="an experiment YAML, e.g. configs/experiments/micro_ablation.yaml")
     p.add_argument("--smoke", action="store_true", help="the config's quick variant (its `smoke:` section)")
     p.add_argument("--parallel", type=_positive_int, default=None,
-                   help="runs at once on the local Ray (default: CPU count)")
+                   help="runs at once (default: CPU count)")
+    p.add_argument("--runner", choices=["ray", "processes"], default=None,
+                   help="parallel runs on the local Ray (default) or as plain processes (a GPU machine without Ray)")
+    p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                   help="start no run after this many minutes (the runs under way finish; run again to resume)")
     p.add_argument("--results-dir", default=None, help="default: the config's results_dir (results/)")
     p.add_argument("--work-dir", default=None, help="training state of unfinished runs (default: runs/experiments)")
     p.add_argument("--summarize-only", action="store_true", help="rebuild summary, report and plots from finished runs")

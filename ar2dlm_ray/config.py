@@ -239,6 +239,8 @@ class PretrainConfig(_Strict):
     num_facts: int = Field(60, gt=0)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     threads: int | None = Field(None, gt=0)
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cuda: a larger teacher in minutes (another teacher "
+                                           "than the CPU's: the weights depend on the kernels)")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "PretrainConfig":
@@ -249,6 +251,8 @@ class PretrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     num_task_prompts: int = Field(64, gt=0)
+    num_validation_prompts: int = Field(0, ge=0, description="task prompts for choosing settings (e.g. an "
+                                        "experiment's lr_grid): held-out arithmetic disjoint from the test prompts")
     num_text_prompts: int = Field(16, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     thresholds: list[float] = Field(default_factory=lambda: [0.9])
@@ -497,7 +501,12 @@ class ExperimentConfig(_Strict):
     target_fraction: float = Field(0.9, gt=0.0, le=1.0, description="tokens-to-target: this share of the teacher's accuracy")
     headline_gamma: float = Field(0.9, gt=0.0, lt=1.0, description="dynamic threshold of the static-to-dynamic headline")
     report_targets: list[float] = Field(default_factory=list, description="more task accuracies to report tokens-to-target for")
-    parallel: int | None = Field(None, gt=0, description="runs at once on the local Ray (default: the CPU count)")
+    parallel: int | None = Field(None, gt=0, description="runs at once (default: the CPU count)")
+    runner: Literal["ray", "processes"] = Field(
+        "ray", description="parallel runs as tasks of the local Ray, or as plain processes (a GPU machine without Ray)")
+    lr_grid: list[float] = Field(default_factory=list, description="learning rates tried for every arm on "
+                                 "grid_seeds; the other seeds use the one with the best validation accuracy")
+    grid_seeds: list[int] = Field(default_factory=list, description="seeds that run the whole lr_grid")
     results_dir: str = "results"
     work_dir: str = Field("runs/experiments", description="training state of unfinished runs (not results)")
     smoke: dict[str, Any] = Field(default_factory=dict, description="--smoke: fields replaced; its overrides are appended")
@@ -526,6 +535,12 @@ class ExperimentConfig(_Strict):
         for name in self.variants:
             if name in recipes:
                 raise ValueError(f"variant {name!r} shadows the recipe of that name; choose another name")
+        if bool(self.lr_grid) != bool(self.grid_seeds):
+            raise ValueError("lr_grid and grid_seeds go together: give both (or neither)")
+        if not set(self.grid_seeds) <= set(self.seeds):
+            raise ValueError(f"grid_seeds {self.grid_seeds} must be among seeds {self.seeds}")
+        if any(lr <= 0 for lr in self.lr_grid) or len(set(self.lr_grid)) != len(self.lr_grid):
+            raise ValueError(f"lr_grid must hold distinct positive learning rates, got {self.lr_grid}")
         for arm, extra in self.extra_budgets.items():
             if arm not in self.arms:
                 raise ValueError(f"extra_budgets names {arm!r}, which is not among arms {self.arms}")
@@ -567,5 +582,8 @@ def load_experiment_config(path: str | Path, overrides: list[str] | tuple[str, .
         run_path = Path(path).parent / exp.run_config  # relative to the experiment file
     exp.run_config = str(run_path)
     for arm in exp.arms:
-        load_config(exp.run_config, exp.arm_overrides(arm))
+        cfg = load_config(exp.run_config, exp.arm_overrides(arm))
+        if exp.lr_grid and not cfg.eval.num_validation_prompts:
+            raise ConfigError(f"{source}: lr_grid chooses on the validation split, which is empty: add "
+                              "eval.num_validation_prompts=N (N > 0) to overrides")
     return exp

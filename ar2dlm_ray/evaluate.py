@@ -117,10 +117,13 @@ class EvalData:
         if cfg.data.prompts == "chat":  # a real model: no micro tasks; held-out chat openings as prompts
             from .data import chat_split
 
-            self.examples = []
+            self.examples, self.validation = [], []
             texts = chat_split(cfg.data, tokenizer, heldout=True)[:ev.num_text_prompts]
         else:
-            self.examples = task_suite_for(cfg, teacher_path).heldout_examples(ev.num_task_prompts, ev.seed)
+            suite = task_suite_for(cfg, teacher_path)
+            self.examples = suite.heldout_examples(ev.num_task_prompts, ev.seed)
+            self.validation = (suite.validation_examples(ev.num_validation_prompts, ev.seed, self.examples)
+                               if ev.num_validation_prompts else [])
             texts = text_prompts(corpus.eval_texts, tokenizer, ev.num_text_prompts, cfg.data.prompt_tokens, ev.seed)
         self.text_prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
         self.chunks = corpus_chunks(corpus.eval_texts, tokenizer, cfg.data.corpus_seq_len, ev.num_text_prompts,
@@ -141,6 +144,8 @@ def evaluate_student(student: Student, teacher: HFTeacher, cfg: RunConfig, data:
             dyn = greedy.model_copy(update={"remasking": "dynamic", "threshold": gamma, "steps_per_block": B})
             acc, tpf = task_accuracy(student, data.examples, dyn, ev.max_new_tokens)
             result[f"task_acc_dynamic@{gamma}"], result[f"tpf_dynamic@{gamma}"] = acc, tpf
+    if data.validation:  # for choosing settings; the test prompts above are never used for that
+        result["val_acc_static"] = task_accuracy(student, data.validation, static, ev.max_new_tokens)[0]
     tokens, tpf, _ = _decode_batched(student, data.text_prompts, cfg.sampler, ev.seed, ev.max_new_tokens)
     result["gen_teacher_nll"] = teacher_nll(teacher, list(zip(data.text_prompts, tokens)))
     result["gen_distinct_2"] = distinct_n(tokens, 2)
@@ -173,6 +178,9 @@ def evaluate_teacher(teacher: HFTeacher, cfg: RunConfig, data: EvalData, samples
         result = {"task_acc_static": acc["overall"], "tpf_static": 1.0,
                   **{f"task_acc_dynamic@{g}": acc["overall"] for g in ev.thresholds},
                   **{f"tpf_dynamic@{g}": 1.0 for g in ev.thresholds}}
+    if data.validation:
+        result["val_acc_static"] = teacher_accuracy(teacher.model, teacher.tokenizer, data.validation,
+                                                    max_new_tokens=ev.max_new_tokens)["overall"]
     gens = teacher.generate(data.text_prompts, ev.max_new_tokens, cfg.sampler.temperature, ev.seed)
     if samples is not None:
         samples.extend(teacher.tokenizer.decode(g) for g in gens[:ev.num_samples_shown])

@@ -28,10 +28,9 @@ from typing import Callable
 import torch
 
 from .config import ExperimentConfig, RunConfig, dump_config, load_config
+from .findings import first_reach, findings, format_findings, mean_ci, paired
 
 RUN_STEPS = 1_000_000_000  # runs end at their last budget, never by step count
-# Two-sided 95 % Student-t quantiles by degrees of freedom; beyond 10, 1.96 + 2.5/dof is within 0.01.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 @dataclass(frozen=True)
@@ -39,24 +38,11 @@ class RunSpec:
     arm: str
     seed: int
     budgets: tuple[int, ...]
+    lr: float | None = None  # None: the run config's own learning rate (no lr_grid)
 
     @property
     def key(self) -> str:
-        return f"{self.arm}-s{self.seed}"
-
-
-def mean_ci(values: list[float]) -> dict:
-    """Mean and 95 % Student-t interval (the interval is the mean itself for one value)."""
-    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
-    n = len(vals)
-    if n == 0:
-        return {"mean": None, "lo": None, "hi": None, "n": 0}
-    mean = sum(vals) / n
-    if n == 1:
-        return {"mean": mean, "lo": mean, "hi": mean, "n": 1}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = T975.get(n - 1, 1.96 + 2.5 / (n - 1)) * sd / math.sqrt(n)
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
+        return f"{self.arm}-s{self.seed}" if self.lr is None else f"{self.arm}-lr{self.lr:g}-s{self.seed}"
 
 
 def code_version() -> str:
@@ -88,75 +74,130 @@ class Experiment:
         self.base = load_config(exp.run_config, exp.overrides)
 
     def specs(self) -> list[RunSpec]:
-        # Seed-major, so that a partial experiment already holds every arm for its first seeds.
-        return [RunSpec(arm, seed, tuple(self.exp.budgets_for(arm))) for seed in self.exp.seeds for arm in self.exp.arms]
+        """The runs that can be named now. Seed-major, so that a partial experiment already holds every arm
+        for its first seeds. With an lr_grid, the grid seeds run every rate first; an arm's other seeds appear
+        once its grid runs have finished and chosen its rate."""
+        exp = self.exp
+        if not exp.lr_grid:
+            return [RunSpec(arm, seed, tuple(exp.budgets_for(arm))) for seed in exp.seeds for arm in exp.arms]
+        out = [RunSpec(arm, seed, tuple(exp.budgets_for(arm)), lr)
+               for seed in exp.grid_seeds for arm in exp.arms for lr in exp.lr_grid]
+        chosen = self.chosen_lrs(self.finished_runs())
+        return out + [RunSpec(arm, seed, tuple(exp.budgets_for(arm)), chosen[arm]["lr"])
+                      for seed in exp.seeds if seed not in exp.grid_seeds for arm in exp.arms if arm in chosen]
+
+    def total_runs(self) -> int:
+        exp = self.exp
+        per_arm = len(exp.lr_grid) * len(exp.grid_seeds) + len(set(exp.seeds) - set(exp.grid_seeds)) if exp.lr_grid \
+            else len(exp.seeds)
+        return per_arm * len(exp.arms)
+
+    def chosen_lrs(self, runs: list[dict]) -> dict:
+        """{arm: select_lr(...)} for the arms whose grid runs have all finished."""
+        chosen = {arm: select_lr(runs, arm, self.exp.lr_grid, self.exp.grid_seeds) for arm in self.exp.arms}
+        return {arm: c for arm, c in chosen.items() if c is not None}
 
     def run_config(self, spec: RunSpec, teacher_path: str) -> RunConfig:
         cfg = load_config(self.exp.run_config, [
             *self.exp.arm_overrides(spec.arm), f"model.teacher={teacher_path}", f"train.recipe={self.exp.recipe_of(spec.arm)}",
             f"train.seed={spec.seed}", f"train.out_dir={self.work / spec.key}", f"train.max_steps={RUN_STEPS}",
-            f"train.checkpoint_every={RUN_STEPS}", "logging.progress=false"])
+            f"train.checkpoint_every={RUN_STEPS}", "logging.progress=false",
+            *([f"train.lr={spec.lr!r}"] if spec.lr is not None else [])])
         cfg.train.min_lr = cfg.train.lr  # constant after warm-up, at this arm's own learning rate
         return cfg
 
     # ---- running ------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, stop_after_s: float | None = None) -> dict:
+        """Every run not finished yet, `parallel` at a time; none is started after `stop_after_s` seconds
+        (the runs under way finish; a later invocation resumes with the rest)."""
         from .models import resolve_teacher_path
 
         start = time.perf_counter()
         teacher_path = resolve_teacher_path(self.base, self.log)
-        todo = [s for s in self.specs() if not (self.out / "runs" / f"{s.key}.json").is_file()]
-        self.log(f"[experiment] {self.exp.name}: {len(self.specs())} runs ({len(self.exp.arms)} arms x "
-                 f"{len(self.exp.seeds)} seeds), {len(self.specs()) - len(todo)} already finished; results in {self.out}")
+        done = len(self.finished_runs())
+        todo = self.total_runs() - done
+        self.log(f"[experiment] {self.exp.name}: {self.total_runs()} runs ({len(self.exp.arms)} arms x "
+                 f"{len(self.exp.seeds)} seeds" + (f", lr grid {self.exp.lr_grid} on seeds {self.exp.grid_seeds}"
+                                                   if self.exp.lr_grid else "") +
+                 f"), {done} already finished; results in {self.out}")
         if not (self.out / "reference.json").is_file():
             _atomic_json(self.out / "reference.json", reference_rows(self.base, teacher_path))
             self.log("[experiment] evaluated the teacher and the converted student before training")
-        parallel = min(len(todo), self.exp.parallel or os.cpu_count() or 1)
-        threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
-        if parallel > 1:
-            self._run_on_ray(todo, teacher_path, parallel, threads, start)
+        parallel = max(1, min(todo, self.exp.parallel or os.cpu_count() or 1))
+        threads = max(1, (os.cpu_count() or 1) // parallel)
+        deadline = None if stop_after_s is None else start + stop_after_s
+        if parallel == 1:
+            self._schedule(_InlinePool(self), 1, teacher_path, threads, start, deadline)
+        elif self.exp.runner == "processes":
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: children that start CUDA cannot be forked from a parent that may have touched it
+            with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+                self._schedule(_FuturePool(pool, self.exp), parallel, teacher_path, threads, start, deadline)
         else:
-            for i, spec in enumerate(todo):
-                run_one(self, spec, teacher_path, threads, self.log)
-                self._progress(i + 1, len(todo), spec, start)
+            self._schedule_on_ray(parallel, teacher_path, threads, start, deadline)
+        if not self.finished_runs():  # stopped before any run finished
+            return {}
         summary = self.summarize(wall_s=time.perf_counter() - start)
         self.log(format_headline(summary))
         return summary
 
-    def _run_on_ray(self, todo: list[RunSpec], teacher_path: str, parallel: int, threads: int, start: float) -> None:
+    def _schedule_on_ray(self, parallel: int, teacher_path: str, threads: int, start: float, deadline) -> None:
         import ray
 
         from .cluster.driver import connect
 
         cfg = self.base.model_copy(update={"ray": self.base.ray.model_copy(update={"num_cpus": parallel})})
         embedded = connect(cfg, self.log)
-        remote = ray.remote(num_cpus=1, max_retries=0)(_run_remote)
         try:
-            pending = {remote.remote(self, spec, teacher_path, threads): spec for spec in todo}
-            done = 0
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                spec = pending.pop(ready[0])
-                ray.get(ready[0])  # re-raises a run's failure; finished runs are already on disk
-                done += 1
-                self._progress(done, len(todo), spec, start)
+            self._schedule(_RayPool(self), parallel, teacher_path, threads, start, deadline)
         finally:
             if embedded:
                 ray.shutdown()
 
+    def _schedule(self, pool, parallel: int, teacher_path: str, threads: int, start: float, deadline) -> None:
+        """Keep `parallel` runs going; after each finishes, name the runs that have become possible (an arm's
+        other seeds once its learning rate is chosen)."""
+        running: dict = {}
+        done, total = 0, self.total_runs() - len(self.finished_runs())
+        while True:
+            finished = {p.stem for p in (self.out / "runs").glob("*.json")}
+            busy = {s.key for s in running.values()}
+            ready = [s for s in self.specs() if s.key not in finished and s.key not in busy]
+            late = deadline is not None and time.perf_counter() > deadline
+            while ready and len(running) < parallel and not late:
+                spec = ready.pop(0)
+                running[pool.submit(spec, teacher_path, threads)] = spec
+            if not running:
+                if late and ready:
+                    self.log(f"[experiment] stopped starting runs after {(time.perf_counter() - start) / 60:.1f} min; "
+                             f"{self.total_runs() - len(finished)} left for a later invocation")
+                return
+            handle = pool.wait(list(running))
+            spec = running.pop(handle)
+            pool.result(handle)  # re-raises a run's failure; finished runs are already on disk
+            done += 1
+            self._progress(done, total, spec, start)
+
     def _progress(self, done: int, total: int, spec: RunSpec, start: float) -> None:
         elapsed = time.perf_counter() - start
         self.log(f"[experiment] {done}/{total} runs finished (last: {spec.key}); {elapsed / 60:.1f} min elapsed, "
-                 f"about {elapsed / done * (total - done) / 60:.1f} min to go")
+                 f"about {elapsed / done * max(0, total - done) / 60:.1f} min to go")
 
     # ---- summarising ------------------------------------------------------------------------------------
     def finished_runs(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted((self.out / "runs").glob("*.json"))]
 
     def summarize(self, wall_s: float | None = None) -> dict:
-        runs = self.finished_runs()
-        if not runs:
+        every_run = self.finished_runs()
+        if not every_run:
             raise FileNotFoundError(f"no finished runs in {self.out / 'runs'}; run the experiment first")
+        runs, grid = every_run, {}
+        if self.exp.lr_grid:  # each arm is summarised at its chosen rate, over all its seeds
+            chosen = self.chosen_lrs(every_run)
+            runs = [r for r in every_run if r["arm"] in chosen and r.get("lr") == chosen[r["arm"]]["lr"]]
+            grid = {arm: {**c, "test": _grid_test(every_run, arm, self.exp)} for arm, c in chosen.items()}
         reference = json.loads((self.out / "reference.json").read_text())
         arms: dict = {}
         for arm in self.exp.arms:
@@ -173,21 +214,39 @@ class Experiment:
             "run_code_versions": sorted({r.get("code_version", "?") for r in runs}),
             "config": self.exp.model_dump(mode="json"), "run_config": dump_config(self.base),
             "reference": reference, "arms": arms,
-            "runs": {f"{r['arm']}-s{r['seed']}": {"wall_s": r["wall_s"], "accounting": r["accounting"]} for r in runs},
-            "complete": len(runs) == len(self.specs()),
+            "runs": {_key(r): {"wall_s": r["wall_s"], "accounting": r["accounting"], "lr": r.get("lr")}
+                     for r in every_run},
+            "complete": len(every_run) == self.total_runs(),
         }
+        if grid:
+            summary["lr_grid"] = grid
         if wall_s is not None:
             summary["wall_s"] = wall_s
         previous = self.out / "summary.json"
         if wall_s is None and previous.is_file():  # re-summarising keeps the measured wall time
             summary["wall_s"] = json.loads(previous.read_text()).get("wall_s")
         summary["headline"] = headline(summary, self.exp, runs)
+        summary["findings"] = findings(summary, runs, self.exp)
         _atomic_json(previous, summary)
         (self.out / "report.md").write_text(format_report(summary, self.exp))
         from .plots import plot_experiment
 
         plot_experiment(summary, self.exp, self.out)
         return summary
+
+
+def _key(run: dict) -> str:
+    return RunSpec(run["arm"], run["seed"], (), run.get("lr")).key
+
+
+def _grid_test(runs: list[dict], arm: str, exp: ExperimentConfig) -> dict:
+    """Test accuracy (mean over grid seeds and budgets) at each rate of the grid: shown beside the
+    validation scores that chose the rate, never used for choosing."""
+    out = {}
+    for lr in sorted(exp.lr_grid):
+        done = [r for r in runs if r["arm"] == arm and r.get("lr") == lr and r["seed"] in exp.grid_seeds]
+        out[repr(lr)] = sum(sum(e["task_acc_static"] for e in r["evals"]) / len(r["evals"]) for r in done) / len(done)
+    return out
 
 
 def reference_rows(cfg: RunConfig, teacher_path: str) -> dict:
@@ -206,6 +265,74 @@ def _run_remote(experiment: Experiment, spec: RunSpec, teacher_path: str, thread
 
     hf_logging.disable_progress_bar()  # one bar per model load, from every worker, buries the progress lines
     return run_one(experiment, spec, teacher_path, threads, print)
+
+
+def _run_in_process(exp: ExperimentConfig, spec: RunSpec, teacher_path: str, threads: int) -> dict:
+    return _run_remote(Experiment(exp), spec, teacher_path, threads)  # the config pickles; a logger may not
+
+
+# Where the runs go: each pool submits one run and waits for any one of those it holds. The scheduler above
+# is the same for all three.
+class _InlinePool:
+    def __init__(self, experiment: Experiment):
+        self.experiment = experiment
+
+    def submit(self, spec: RunSpec, teacher_path: str, threads: int):
+        return run_one(self.experiment, spec, teacher_path, threads, self.experiment.log), spec.key
+
+    def wait(self, handles: list):
+        return handles[0]
+
+    def result(self, handle) -> dict:
+        return handle[0]
+
+
+class _FuturePool:
+    def __init__(self, executor, exp: ExperimentConfig):
+        self.executor, self.exp = executor, exp
+
+    def submit(self, spec: RunSpec, teacher_path: str, threads: int):
+        return self.executor.submit(_run_in_process, self.exp, spec, teacher_path, threads)
+
+    def wait(self, handles: list):
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        return next(iter(wait(handles, return_when=FIRST_COMPLETED).done))
+
+    def result(self, handle) -> dict:
+        return handle.result()
+
+
+class _RayPool:
+    def __init__(self, experiment: Experiment):
+        import ray
+
+        self.experiment, self.ray = experiment, ray
+        self.remote = ray.remote(num_cpus=1, max_retries=0)(_run_remote)
+
+    def submit(self, spec: RunSpec, teacher_path: str, threads: int):
+        return self.remote.remote(self.experiment, spec, teacher_path, threads)
+
+    def wait(self, handles: list):
+        return self.ray.wait(handles, num_returns=1)[0][0]
+
+    def result(self, handle) -> dict:
+        return self.ray.get(handle)
+
+
+def select_lr(runs: list[dict], arm: str, grid: list[float], grid_seeds: list[int],
+              metric: str = "val_acc_static") -> dict | None:
+    """The grid's learning rate with the best validation accuracy for `arm`: the mean over grid seeds of the
+    mean over budgets (on log-spaced budgets, the area under the accuracy curve: learning fast and ending
+    high both count). None until all the arm's grid runs have finished; ties go to the smaller rate."""
+    scores = {}
+    for lr in sorted(grid):
+        done = [r for r in runs if r["arm"] == arm and r.get("lr") == lr and r["seed"] in grid_seeds]
+        if len(done) < len(grid_seeds):
+            return None
+        scores[lr] = sum(sum(e[metric] for e in r["evals"]) / len(r["evals"]) for r in done) / len(done)
+    best = max(scores, key=lambda lr: scores[lr])  # the first maximum: the smallest rate among ties
+    return {"lr": best, "scores": {repr(lr): v for lr, v in scores.items()}}
 
 
 def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: int, log: Callable) -> dict:
@@ -250,17 +377,19 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
         while pending and tr.accounting["tokens_trained"] >= pending[0]:
             train_s += time.perf_counter() - mark
             t0 = time.perf_counter()
+            samples: list[str] = []
             row = {"arm": spec.arm, "seed": spec.seed, "budget": pending.pop(0), "step": tr.step,
                    "tokens_trained": tr.accounting["tokens_trained"],
                    "sampler_forwards": tr.accounting["sampler_forwards"], **tr.flops(),
-                   **evaluate_student(tr.student, judge, cfg, data)}
+                   **evaluate_student(tr.student, judge, cfg, data, samples), "samples": samples}
             row["eval_s"], row["train_s"] = time.perf_counter() - t0, train_s
             with evals_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             evals.append(row)
             tr.checkpoint()
+            acc = f"acc static {row['task_acc_static']:.3f}, " if "task_acc_static" in row else ""  # none on chat
             log(f"[experiment] {spec.key} @ {row['tokens_trained']} tokens (budget {row['budget']}): "
-                f"acc static {row['task_acc_static']:.3f}, on-policy KL {row['on_policy_kl']:.3f}, "
+                f"{acc}on-policy KL {row['on_policy_kl']:.3f}, teacher NLL {row['gen_teacher_nll']:.3f}, "
                 f"NELBO {row['heldout_nelbo']:.3f} ({train_s:.0f}s training, {row['eval_s']:.0f}s eval)")
             mark = time.perf_counter()
         return not pending
@@ -272,7 +401,7 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
 
 def _finish(experiment: Experiment, spec: RunSpec, result_path: Path, work: Path, evals: list[dict],
             accounting: dict, start: float, teacher_path: str) -> dict:
-    result = {"arm": spec.arm, "seed": spec.seed, "evals": evals, "accounting": dict(accounting),
+    result = {"arm": spec.arm, "seed": spec.seed, "lr": spec.lr, "evals": evals, "accounting": dict(accounting),
               "wall_s": time.perf_counter() - start, "teacher": teacher_path, "code_version": code_version()}
     _atomic_json(result_path, result)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the result is written; keep only `final/`
@@ -288,32 +417,19 @@ def _mean(summary: dict, arm: str, budget, metric: str):
 def tokens_to_target(summary: dict, exp: ExperimentConfig, arm: str, target: float) -> dict:
     """First budget at which the arm's mean static accuracy reaches `target`, and the training tokens
     there interpolated linearly in log-tokens from the budget before (None when never reached)."""
-    prev = None
-    for budget in exp.budgets_for(arm):
-        acc, tokens = _mean(summary, arm, budget, "task_acc_static"), _mean(summary, arm, budget, "tokens_trained")
-        if acc is None:
-            continue
-        if acc >= target:
-            if prev is None:
-                return {"budget": budget, "tokens": tokens}
-            frac = (target - prev[0]) / (acc - prev[0])  # prev[0] < target <= acc
-            est = math.exp(math.log(prev[1]) + frac * (math.log(tokens) - math.log(prev[1])))
-            return {"budget": budget, "tokens": est}
-        prev = (acc, tokens)
+    measured = [(b, _mean(summary, arm, b, "task_acc_static"), _mean(summary, arm, b, "tokens_trained"))
+                for b in exp.budgets_for(arm)]
+    measured = [m for m in measured if m[1] is not None]
+    hit = first_reach([(acc, tokens) for _, acc, tokens in measured], target)
+    if hit:
+        return {"budget": measured[hit[0]][0], "tokens": hit[1]}
     last = exp.budgets_for(arm)[-1]
     return {"budget": None, "tokens": None, "not_reached_by": _mean(summary, arm, last, "tokens_trained")}
 
 
-def _paired(runs: list[dict], arm_a: str, key_a: str, arm_b: str, key_b: str, budget: int) -> dict:
-    """Mean and interval of (arm_a[key_a] - arm_b[key_b]) over seeds, paired by seed, at one budget."""
-    def at(arm):
-        return {r["seed"]: e for r in runs if r["arm"] == arm for e in r["evals"] if e["budget"] == budget}
-
-    a, b = at(arm_a), at(arm_b)
-    return mean_ci([a[s][key_a] - b[s][key_b] for s in sorted(set(a) & set(b))])
-
-
 def headline(summary: dict, exp: ExperimentConfig, runs: list[dict]) -> dict:
+    if "task_acc_static" not in summary["reference"]["teacher"]:  # chat prompts: no task accuracy to reach
+        return {}
     teacher_acc = summary["reference"]["teacher"]["task_acc_static"]
     best = max((c["task_acc_static"]["mean"] for arm in summary["arms"].values() for c in arm.values()), default=0.0)
     target = min(exp.target_fraction * teacher_acc, best)
@@ -334,9 +450,9 @@ def headline(summary: dict, exp: ExperimentConfig, runs: list[dict]) -> dict:
     largest = exp.budgets[-1]
     out["largest_common_budget"] = largest
     dyn = f"task_acc_dynamic@{exp.headline_gamma}"
-    out["static_to_dynamic"] = {arm: _paired(runs, arm, dyn, arm, "task_acc_static", largest)
+    out["static_to_dynamic"] = {arm: paired(runs, largest, [(1, arm, dyn), (-1, arm, "task_acc_static")])
                                 for arm in ("sft", "opdlm") if arm in exp.arms}
-    out["vs_kd_off"] = {arm: _paired(runs, arm, "task_acc_static", "kd_off", "task_acc_static", largest)
+    out["vs_kd_off"] = {arm: paired(runs, largest, [(1, arm, "task_acc_static"), (-1, "kd_off", "task_acc_static")])
                         for arm in ("opdlm", "opdlm_off") if arm in exp.arms and "kd_off" in exp.arms}
     return out
 
@@ -351,6 +467,8 @@ def _fmt(cell: dict | None, digits: int = 3) -> str:
 
 def format_headline(summary: dict) -> str:
     h = summary["headline"]
+    if not h:
+        return "[experiment] no task accuracy here (chat prompts): see the report's table"
     lines = [f"[experiment] target accuracy {h['target_acc']:.3f} (teacher {h['teacher_acc']:.3f}, "
              f"best arm {h['best_acc']:.3f})"]
     for arm, r in h["tokens_to_target"].items():
@@ -367,11 +485,13 @@ def format_headline(summary: dict) -> str:
         lines.append(f"  {arm}: accuracy change static -> dynamic at the largest common budget: {_fmt(d)}")
     for arm, d in h["vs_kd_off"].items():
         lines.append(f"  {arm} - kd_off, static accuracy at the largest common budget: {_fmt(d)}")
+    for row in summary.get("findings", []):
+        lines.append(f"  paper's finding '{row['claim']}': {row['verdict']}")
     return "\n".join(lines)
 
 
 REPORT_METRICS = ("tokens_trained", "task_acc_static", "task_acc_dynamic@0.9", "tpf_dynamic@0.9", "gen_teacher_nll",
-                  "gen_distinct_2", "heldout_nelbo", "on_policy_kl", "flops_paper", "flops_with_sampler")
+                  "gen_distinct_2", "heldout_nelbo", "on_policy_kl", "on_policy_kl_full_length", "flops_paper", "flops_with_sampler")
 
 
 def format_report(summary: dict, exp: ExperimentConfig) -> str:
@@ -391,4 +511,6 @@ def format_report(summary: dict, exp: ExperimentConfig) -> str:
             vals = [_fmt(cells.get(m), 0 if m.startswith(("tokens", "flops")) else 3) if not m.startswith("flops")
                     else f"{cells[m]['mean']:.3g}" for m in metrics]
             lines.append(f"| {arm} | {budget} | " + " | ".join(vals) + " |")
+    if summary.get("findings"):
+        lines += ["", "## The paper's findings against these runs", "", format_findings(summary["findings"])]
     return "\n".join(lines + ["", "```", format_headline(summary), "```", ""])

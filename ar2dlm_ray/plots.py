@@ -63,6 +63,8 @@ def plot_experiment(summary: dict, exp: ExperimentConfig, out: Path) -> list[Pat
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
+    if "task_acc_static" not in ref["teacher"]:  # chat prompts: no task accuracy to plot against parallelism
+        return paths
     # Decoding robustness: accuracy against tokens per forward at the largest common budget.
     budget = str(exp.budgets[-1])
     fig, ax = plt.subplots(figsize=(7, 5))

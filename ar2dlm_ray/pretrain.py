@@ -30,7 +30,8 @@ EVAL_PER_TASK = 200
 
 
 def teacher_key(pcfg: PretrainConfig, dcfg: DataConfig) -> str:
-    fields = pcfg.model_dump(mode="json", exclude={"cache_dir", "threads"})
+    # The default device stays out of the key, so that teachers cached before it existed keep theirs.
+    fields = pcfg.model_dump(mode="json", exclude={"cache_dir", "threads"} | ({"device"} if pcfg.device == "cpu" else set()))
     fields["data"] = dcfg.model_dump(mode="json", include={"text_files", "dataset", "dataset_column", "seed"})
     fields["recipe"] = RECIPE_VERSION
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
@@ -175,7 +176,7 @@ class MixtureBatches:
 @torch.no_grad()
 def _text_loss(model, chunks: list[list[int]]) -> float:
     model.eval()
-    ids = torch.tensor(chunks, dtype=torch.long)
+    ids = torch.tensor(chunks, dtype=torch.long, device=model.device)
     loss = sum(model(input_ids=ids[i:i + 16], labels=ids[i:i + 16]).loss.item() * len(ids[i:i + 16])
                for i in range(0, len(ids), 16)) / len(ids)
     model.train()
@@ -189,6 +190,8 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
         return out
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if pcfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("pretrain.device=cuda, but torch sees no GPU here: use pretrain.device=cpu")
     t0 = time.time()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(pcfg.threads or os.cpu_count() or 1)
@@ -209,7 +212,7 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
             intermediate_size=pcfg.intermediate_size, max_position_embeddings=MICRO_CONTEXT,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-        model = LlamaForCausalLM(config).float()
+        model = LlamaForCausalLM(config).float().to(pcfg.device)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -234,7 +237,7 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
         for step in range(pcfg.steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            ids = batches.next()
+            ids = batches.next().to(pcfg.device)
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -258,7 +261,7 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
         samples = []
         model.eval()
         for p in text_prompts(corpus.heldout_texts or corpus.train_texts, tokenizer, 2, 16, seed=pcfg.seed):
-            enc = tokenizer(p, return_tensors="pt", add_special_tokens=False)
+            enc = tokenizer(p, return_tensors="pt", add_special_tokens=False).to(model.device)
             gen = model.generate(**enc, do_sample=False, max_new_tokens=48, pad_token_id=tokenizer.pad_token_id)
             samples.append(tokenizer.decode(gen[0], skip_special_tokens=False))
         tail = losses[-max(1, len(losses) // 20):]
@@ -274,6 +277,7 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
             # measured on 1 to 16 threads, identical; with ATEN_CPU_CAPABILITY=avx2 instead of AVX512, different.
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if pcfg.device == "cuda" else "cpu",
             "text_samples": samples,
             "config": pcfg.model_dump(mode="json"),
             "data": dcfg.model_dump(mode="json", include={"text_files", "dataset", "dataset_column", "seed"}),

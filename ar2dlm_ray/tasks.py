@@ -98,6 +98,13 @@ class TaskSuite:
         """Evaluation prompts: arithmetic pairs never in training, plus (memorised) facts."""
         return self._mix(self.heldout_pairs, n, seed)
 
+    def validation_examples(self, n: int, seed: int, test: list[TaskExample]) -> list[TaskExample]:
+        """Prompts for choosing settings: held-out arithmetic pairs that `test` does not use, plus facts.
+        The facts are the same table (retention has no held-out facts to split)."""
+        used = {e.prompt for e in test if e.task == "arith"}
+        pairs = [p for p in self.heldout_pairs if _arith(*p).prompt not in used]
+        return self._mix(pairs, n, seed + 20_000)
+
     def train_prompts(self, n: int, seed: int) -> list[TaskExample]:
         """Distillation prompts from the train split (no held-out arithmetic pair leaks into training)."""
         return self._mix(self.train_pairs, n, seed + 10_000)

@@ -51,6 +51,20 @@ def test_heldout_arithmetic_disjoint_from_train():
         assert int(e.answer) == a + b
 
 
+def test_validation_arithmetic_disjoint_from_test_and_train():
+    suite = TaskSuite(30, 0)
+    test = suite.heldout_examples(128, 0)
+    val = suite.validation_examples(128, 0, test)
+    arith = {e.prompt for e in val if e.task == "arith"}
+    assert len(arith) == 64 and {e.task for e in val} == {"arith", "facts"}
+    assert not arith & {e.prompt for e in test}
+    assert not arith & {e.prompt for e in suite.train_examples()}
+    assert val == suite.validation_examples(128, 0, test)  # deterministic
+    # Only the test's own arithmetic is excluded: the rest of the held-out pairs stay available.
+    assert len({e.prompt for e in suite.validation_examples(2000, 0, test) if e.task == "arith"}) == \
+        len(suite.heldout_pairs) - len({e.prompt for e in test if e.task == "arith"})
+
+
 def test_facts_unique_and_memorisable():
     suite = TaskSuite(60, 0)
     prompts = [f.prompt for f in suite.facts]

@@ -3,6 +3,7 @@ interrupted run that resumes to exactly the result of an uninterrupted one."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,55 @@ def test_tokens_to_target_interpolates_in_log_tokens():
     assert tokens_to_target(summary, exp, "bd3lm", 0.4) == {"budget": None, "tokens": None, "not_reached_by": 4040}
 
 
+def _grid_run(arm, lr, seed, val, test=0.5):
+    evals = [{"budget": b, "tokens_trained": b + 8, "task_acc_static": test, "tpf_static": 0.9, "val_acc_static": v}
+             for b, v in zip((1000, 2000), val)]
+    return {"arm": arm, "seed": seed, "lr": lr, "evals": evals, "accounting": {}, "wall_s": 1.0}
+
+
+def test_select_lr_averages_validation_over_budgets_and_waits_for_the_grid():
+    from ar2dlm_ray.experiment import select_lr
+
+    runs = [_grid_run("opdlm", 1e-3, 0, [0.1, 0.9]), _grid_run("opdlm", 1e-3, 1, [0.2, 0.8]),  # mean 0.5
+            _grid_run("opdlm", 5e-4, 0, [0.5, 0.6]), _grid_run("opdlm", 5e-4, 1, [0.4, 0.7])]  # mean 0.55
+    chosen = select_lr(runs, "opdlm", [5e-4, 1e-3], [0, 1])
+    assert chosen["lr"] == 5e-4 and chosen["scores"] == {"0.0005": pytest.approx(0.55), "0.001": pytest.approx(0.5)}
+    assert select_lr(runs[:3], "opdlm", [5e-4, 1e-3], [0, 1]) is None  # a grid run is missing
+    assert select_lr(runs, "sft", [5e-4, 1e-3], [0, 1]) is None
+    tie = [_grid_run("sft", lr, s, [0.5, 0.5]) for lr in (1e-3, 2.5e-4) for s in (0, 1)]
+    assert select_lr(tie, "sft", [1e-3, 2.5e-4], [0, 1])["lr"] == 2.5e-4  # ties go to the smaller rate
+
+
+def test_lr_grid_names_the_other_seeds_once_chosen_and_summarises_the_chosen_rate(tmp_path):
+    """Grid seeds first; an arm's other seeds appear at its chosen rate once its grid has finished; the
+    summary reads only the chosen rate's runs, and shows the grid's validation and test scores."""
+    exp = load_experiment_config(CONFIG).model_copy(update={
+        "arms": ["opdlm", "sft"], "seeds": [0, 1, 2], "grid_seeds": [0, 1], "lr_grid": [5e-4, 1e-3],
+        "budgets": [1000, 2000], "extra_budgets": {}, "results_dir": str(tmp_path)})
+    e = Experiment(exp, log=lambda *a: None)
+    assert [s.key for s in e.specs()] == [f"{a}-lr{lr:g}-s{s}" for s in (0, 1) for a in ("opdlm", "sft")
+                                          for lr in (5e-4, 1e-3)]
+    assert e.total_runs() == 2 * (2 * 2 + 1)
+    val = {5e-4: [0.3, 0.4], 1e-3: [0.6, 0.7]}
+    for seed in (0, 1):
+        for lr in (5e-4, 1e-3):
+            (tmp_path / exp.name / "runs").mkdir(parents=True, exist_ok=True)
+            (tmp_path / exp.name / "runs" / f"opdlm-lr{lr:g}-s{seed}.json").write_text(
+                json.dumps(_grid_run("opdlm", lr, seed, val[lr], test=0.2 + seed * 0.1 + lr * 100)))
+    specs = [s.key for s in e.specs()]
+    assert "opdlm-lr0.001-s2" in specs and not any(k.startswith("sft") and k.endswith("s2") for k in specs)
+    assert next(s for s in e.specs() if s.seed == 2).lr == 1e-3
+    assert e.run_config(next(s for s in e.specs() if s.seed == 2), "micro").train.lr == 1e-3
+    (tmp_path / exp.name / "reference.json").write_text(json.dumps(
+        {"teacher": {"task_acc_static": 1.0}, "before": {"task_acc_static": 0.1}}))
+    summary = e.summarize()
+    assert summary["lr_grid"]["opdlm"]["lr"] == 1e-3 and "sft" not in summary["lr_grid"]
+    assert summary["lr_grid"]["opdlm"]["test"]["0.001"] == pytest.approx((0.3 + 0.4) / 2)
+    cell = summary["arms"]["opdlm"]["2000"]["task_acc_static"]
+    assert cell["n"] == 2 and cell["mean"] == pytest.approx(0.35)  # only the chosen rate's two seeds
+    assert not summary["complete"] and len(summary["runs"]) == 4
+
+
 def test_bad_experiment_config_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"name: x\nrun_config: {CONFIG.replace('experiments/micro_ablation', 'micro')}\n"
@@ -48,6 +98,12 @@ def test_bad_experiment_config_is_a_clear_error(tmp_path):
         load_experiment_config(bad)
     bad.write_text("name: x\nrun_config: configs/micro.yaml\nbudgets: [100]\noverrides: [train.lrr=1]\n")
     with pytest.raises(ConfigError, match="train.lrr: unknown key"):
+        load_experiment_config(bad)
+    bad.write_text("name: x\nrun_config: configs/micro.yaml\nbudgets: [100]\nlr_grid: [1.0e-3]\n")
+    with pytest.raises(ConfigError, match="lr_grid and grid_seeds go together"):
+        load_experiment_config(bad)
+    bad.write_text("name: x\nrun_config: configs/micro.yaml\nbudgets: [100]\nlr_grid: [1.0e-3]\ngrid_seeds: [0]\n")
+    with pytest.raises(ConfigError, match="eval.num_validation_prompts=N"):
         load_experiment_config(bad)
 
 
@@ -91,6 +147,41 @@ def test_smoke_experiment_on_ray(tmp_path, capsys):
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     assert main(args) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
+
+
+@pytest.mark.slow
+def test_processes_runner_needs_no_ray(tmp_path):
+    """`--runner processes` (the GPU machine has no Ray): the runs are spawned processes, and the experiment
+    finishes with Ray unimportable; `--stop-after 0` starts no run and a later invocation does them."""
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "block"
+    for name in ("ray", "vllm"):
+        (blocker / name).mkdir(parents=True)
+        (blocker / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')")
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.getcwd()}"}
+    args = [sys.executable, "-m", "ar2dlm_ray.cli", "experiment", "--config", CONFIG, "--smoke", "--runner", "processes",
+            "--parallel", "2", "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"),
+            "train.rollout_batch_size=8"]
+    small = ["--stop-after", "0"]
+    exp = load_experiment_config(CONFIG, smoke=True)
+    out = tmp_path / "results" / exp.name
+    first = subprocess.run(args + small, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopped starting runs" in first.stdout and not list((out / "runs").glob("*.json"))
+    # Only the two rates of one arm on the grid seed, then its other seed: 3 runs.
+    cfg = tmp_path / "one_arm.yaml"
+    cfg.write_text(Path(CONFIG).read_text().replace(
+        "arms: [bd3lm, bd3lm_mix, sft, kd_off, opdlm_off, opdlm]", "arms: [opdlm]"))
+    args[args.index(CONFIG)] = str(cfg)
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    runs = sorted(p.stem for p in (out / "runs").glob("*.json"))
+    chosen = json.loads((out / "summary.json").read_text())["lr_grid"]["opdlm"]["lr"]
+    assert runs == sorted(["opdlm-lr0.0005-s0", "opdlm-lr0.001-s0", f"opdlm-lr{chosen:g}-s1"])
+    assert "ray is blocked" not in second.stderr
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
