@@ -275,16 +275,17 @@ def _run_in_process(exp: ExperimentConfig, spec: RunSpec, teacher_path: str, thr
 # is the same for all three.
 class _InlinePool:
     def __init__(self, experiment: Experiment):
-        self.experiment = experiment
+        self.experiment, self.results = experiment, {}
 
-    def submit(self, spec: RunSpec, teacher_path: str, threads: int):
-        return run_one(self.experiment, spec, teacher_path, threads, self.experiment.log), spec.key
+    def submit(self, spec: RunSpec, teacher_path: str, threads: int) -> str:
+        self.results[spec.key] = run_one(self.experiment, spec, teacher_path, threads, self.experiment.log)
+        return spec.key
 
     def wait(self, handles: list):
         return handles[0]
 
-    def result(self, handle) -> dict:
-        return handle[0]
+    def result(self, handle: str) -> dict:
+        return self.results.pop(handle)
 
 
 class _FuturePool:

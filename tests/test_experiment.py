@@ -131,9 +131,18 @@ def test_smoke_experiment_on_ray(tmp_path, capsys):
     for run in (out / "runs").glob("*.json"):
         result = json.loads(run.read_text())
         assert [e["budget"] for e in result["evals"]] == exp.budgets_for(result["arm"])
-    assert summary["runs"]["bd3lm-s0"]["accounting"]["sampler_forwards"] == 0
+    # The grid: both rates on seed 0, seed 1 at the rate chosen on validation accuracy (which every
+    # evaluation carries), per arm.
+    grid = summary["lr_grid"]
+    assert set(grid) == set(exp.arms) and all(g["lr"] in exp.lr_grid for g in grid.values())
+    assert len(summary["runs"]) == len(exp.arms) * 3
+    assert all(summary["runs"][f"{arm}-lr{g['lr']:g}-s1"]["lr"] == g["lr"] for arm, g in grid.items())
+    assert all("val_acc_static" in c for budgets in summary["arms"].values() for c in budgets.values())
+    assert summary["runs"][f"bd3lm-lr{grid['bd3lm']['lr']:g}-s0"]["accounting"]["sampler_forwards"] == 0
     assert summary["config"]["variants"]["bd3lm_mix"]["recipe"] == "bd3lm"
-    assert summary["runs"]["opdlm-s0"]["accounting"]["sampler_forwards"] > 0
+    assert summary["runs"][f"opdlm-lr{grid['opdlm']['lr']:g}-s0"]["accounting"]["sampler_forwards"] > 0
+    assert {f["id"] for f in summary["findings"]} == {"on_policy", "sft_static", "sft_dynamic", "vs_bd3lm",
+                                                      "vs_bd3lm_mix"}
     h = summary["headline"]
     assert h["target_acc"] <= h["best_acc"] and set(h["tokens_to_target"]) == set(exp.arms)
     assert set(h["static_to_dynamic"]) == {"sft", "opdlm"} and set(h["vs_kd_off"]) == {"opdlm", "opdlm_off"}
@@ -191,7 +200,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
     def experiment(root):
         exp = load_experiment_config(CONFIG, smoke=True).model_copy(update={
-            "arms": ["opdlm"], "seeds": [0], "extra_budgets": {}, "parallel": 1,
+            "arms": ["opdlm"], "seeds": [0], "extra_budgets": {}, "parallel": 1, "lr_grid": [], "grid_seeds": [],
+            "budgets": [300, 600],
             "results_dir": str(root / "results"), "work_dir": str(root / "work")})
         return Experiment(exp, log=lambda *a: None)
 
