@@ -428,9 +428,17 @@ def tokens_to_target(summary: dict, exp: ExperimentConfig, arm: str, target: flo
     return {"budget": None, "tokens": None, "not_reached_by": _mean(summary, arm, last, "tokens_trained")}
 
 
+# Without task accuracy (chat prompts) the arms are compared on what the samples show, against opdlm.
+CHAT_METRICS = ("gen_teacher_nll", "on_policy_kl_full_length", "on_policy_kl", "gen_distinct_2")
+
+
 def headline(summary: dict, exp: ExperimentConfig, runs: list[dict]) -> dict:
     if "task_acc_static" not in summary["reference"]["teacher"]:  # chat prompts: no task accuracy to reach
-        return {}
+        largest = exp.budgets[-1]
+        others = [a for a in exp.arms if a != "opdlm"]
+        return {"budget": largest, "minus_opdlm": {
+            m: {a: paired(runs, largest, [(1, a, m), (-1, "opdlm", m)]) for a in others}
+            for m in CHAT_METRICS if "opdlm" in exp.arms and any(m in e for r in runs for e in r["evals"])}}
     teacher_acc = summary["reference"]["teacher"]["task_acc_static"]
     best = max((c["task_acc_static"]["mean"] for arm in summary["arms"].values() for c in arm.values()), default=0.0)
     target = min(exp.target_fraction * teacher_acc, best)
@@ -468,8 +476,11 @@ def _fmt(cell: dict | None, digits: int = 3) -> str:
 
 def format_headline(summary: dict) -> str:
     h = summary["headline"]
-    if not h:
-        return "[experiment] no task accuracy here (chat prompts): see the report's table"
+    if "minus_opdlm" in h:
+        lines = [f"[experiment] no task accuracy (chat prompts); arm - opdlm at {h['budget']} tokens, paired by seed:"]
+        lines += [f"  {m}: " + ", ".join(f"{a} {_fmt(d)}" for a, d in by_arm.items())
+                  for m, by_arm in h["minus_opdlm"].items()]
+        return "\n".join(lines)
     lines = [f"[experiment] target accuracy {h['target_acc']:.3f} (teacher {h['teacher_acc']:.3f}, "
              f"best arm {h['best_acc']:.3f})"]
     for arm, r in h["tokens_to_target"].items():

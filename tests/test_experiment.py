@@ -90,6 +90,24 @@ def test_lr_grid_names_the_other_seeds_once_chosen_and_summarises_the_chosen_rat
     assert not summary["complete"] and len(summary["runs"]) == 4
 
 
+def test_chat_headline_compares_each_arm_with_opdlm_by_seed():
+    """Chat prompts have no task accuracy: the headline is each arm minus opdlm on the sample metrics."""
+    from ar2dlm_ray.experiment import format_headline, headline
+
+    exp = load_experiment_config("configs/experiments/smollm2_compare.yaml")
+    nll = {("opdlm", 0): 3.0, ("opdlm", 1): 3.4, ("kd_off", 0): 3.5, ("kd_off", 1): 3.6, ("sft", 0): 4.0, ("sft", 1): 3.9}
+    runs = [{"arm": a, "seed": s, "evals": [{"budget": exp.budgets[-1], "gen_teacher_nll": v, "gen_distinct_2": 0.9}]}
+            for (a, s), v in nll.items()]
+    h = headline({"reference": {"teacher": {"gen_teacher_nll": 2.7}}}, exp, runs)
+    kd = h["minus_opdlm"]["gen_teacher_nll"]["kd_off"]
+    diffs = [0.5, 0.2]
+    assert kd["n"] == 2 and kd["mean"] == pytest.approx(0.35)
+    assert kd["hi"] - kd["mean"] == pytest.approx(12.706 * math.sqrt(sum((d - 0.35) ** 2 for d in diffs)) / math.sqrt(2))
+    assert h["minus_opdlm"]["gen_teacher_nll"]["sft"]["mean"] == pytest.approx(0.75)
+    assert set(h["minus_opdlm"]) == {"gen_teacher_nll", "gen_distinct_2"}  # only metrics the runs have
+    assert "kd_off 0.350 ±" in format_headline({"headline": h})
+
+
 def test_bad_experiment_config_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"name: x\nrun_config: {CONFIG.replace('experiments/micro_ablation', 'micro')}\n"
