@@ -56,7 +56,7 @@ def plot_experiment(summary: dict, exp: ExperimentConfig, out: Path) -> list[Pat
         ax.set_xlabel("training tokens")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    next((ax for ax in axes.flat if ax.lines), axes.flat[0]).legend(fontsize=8)  # chat runs leave the task panels empty
     fig.suptitle(f"{summary['experiment']}: mean over seeds, shaded 95 % interval")
     fig.tight_layout()
     paths = [out / "metrics_vs_tokens.png"]
