@@ -15,6 +15,10 @@ CURVES = (("task_acc_static", "task accuracy, static"), ("task_acc_dynamic@{g}",
           ("gen_teacher_nll", "teacher NLL of samples"), ("gen_distinct_2", "distinct-2 of samples"),
           ("heldout_nelbo", "held-out NELBO per token"), ("on_policy_kl", "on-policy KL to the teacher"))
 
+# Chat prompts have no task accuracy: those two panels show the full-length KL and the samples' parallelism.
+CHAT_CURVES = (("on_policy_kl_full_length", "on-policy KL, full-length rollouts"),
+               ("gen_tpf", "tokens per forward of samples"))
+
 
 def _series(arm_cells: dict, metric: str):
     xs, ys, lo, hi = [], [], [], []
@@ -31,7 +35,8 @@ def plot_experiment(summary: dict, exp: ExperimentConfig, out: Path) -> list[Pat
     g = exp.headline_gamma
     ref = summary["reference"]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-    for ax, (key, title) in zip(axes.flat, CURVES):
+    curves = CURVES if "task_acc_static" in ref["teacher"] else CHAT_CURVES + CURVES[2:]
+    for ax, (key, title) in zip(axes.flat, curves):
         metric, title = key.format(g=g), title.format(g=g)
         means = []
         for arm, cells in summary["arms"].items():
