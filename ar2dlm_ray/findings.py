@@ -91,6 +91,16 @@ def _sign(ci: dict) -> str:
     return "agrees" if ci["lo"] > 0 else "disagrees" if ci["hi"] < 0 else "unresolved"
 
 
+def _match(ci: dict) -> str:
+    """The verdict on "these two match". Equivalence first: a difference that is significant but inside
+    the margin still matches."""
+    if ci["n"] < 2:
+        return "unresolved"
+    if -MATCH_MARGIN <= ci["lo"] and ci["hi"] <= MATCH_MARGIN:
+        return "agrees"
+    return "disagrees" if ci["lo"] > 0 or ci["hi"] < 0 else "unresolved"
+
+
 def _fmt_ci(ci: dict) -> str:
     return "-" if ci["mean"] is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
 
@@ -154,15 +164,16 @@ def findings(summary: dict, runs: list[dict], exp) -> list[dict]:
         rows.append(_row("on_policy", "On-policy data is the main driver: opdlm and opdlm_off beat off-policy KD",
                          f"opdlm − kd_off, static accuracy {at}", ci, _sign(ci), note))
 
+    margin_note = f"matching means the whole interval lies within ±{MATCH_MARGIN:.2f}"
+    if {"opdlm", "opdlm_off"} <= arms:
+        ci = paired(runs, budget, [(1, "opdlm", static), (-1, "opdlm_off", static)])
+        rows.append(_row("opdlm_off", "OPDLM matches opdlm_off (random states on the same rollouts)",
+                         f"opdlm − opdlm_off, static accuracy {at}", ci, _match(ci), margin_note))
+
     if {"opdlm", "sft"} <= arms:
         ci = paired(runs, budget, [(1, "opdlm", static), (-1, "sft", static)])
-        # Equivalence first: a difference that is significant but inside the margin still "matches".
-        verdict = ("unresolved" if ci["n"] < 2 else
-                   "agrees" if -MATCH_MARGIN <= ci["lo"] and ci["hi"] <= MATCH_MARGIN else
-                   "disagrees" if ci["lo"] > 0 or ci["hi"] < 0 else "unresolved")
         rows.append(_row("sft_static", "SFT matches OPDLM under static decoding",
-                         f"opdlm − sft, static accuracy {at}", ci, verdict,
-                         f"matching means the whole interval lies within ±{MATCH_MARGIN:.2f}"))
+                         f"opdlm − sft, static accuracy {at}", ci, _match(ci), margin_note))
 
         ci = paired(runs, budget, [(1, "opdlm", dyn), (-1, "opdlm", static), (-1, "sft", dyn), (1, "sft", static)])
         tpf = {a: (summary["arms"].get(a, {}).get(str(budget), {}).get(f"tpf_dynamic@{gamma}") or {}).get("mean")

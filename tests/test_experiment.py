@@ -159,8 +159,8 @@ def test_smoke_experiment_on_ray(tmp_path, capsys):
     assert summary["runs"][f"bd3lm-lr{grid['bd3lm']['lr']:g}-s0"]["accounting"]["sampler_forwards"] == 0
     assert summary["config"]["variants"]["bd3lm_mix"]["recipe"] == "bd3lm"
     assert summary["runs"][f"opdlm-lr{grid['opdlm']['lr']:g}-s0"]["accounting"]["sampler_forwards"] > 0
-    assert {f["id"] for f in summary["findings"]} == {"on_policy", "sft_static", "sft_dynamic", "vs_bd3lm",
-                                                      "vs_bd3lm_mix"}
+    assert {f["id"] for f in summary["findings"]} == {"on_policy", "opdlm_off", "sft_static", "sft_dynamic",
+                                                      "vs_bd3lm", "vs_bd3lm_mix"}
     h = summary["headline"]
     assert h["target_acc"] <= h["best_acc"] and set(h["tokens_to_target"]) == set(exp.arms)
     assert set(h["static_to_dynamic"]) == {"sft", "opdlm"} and set(h["vs_kd_off"]) == {"opdlm", "opdlm_off"}

@@ -67,20 +67,22 @@ def test_on_policy_each_verdict_and_the_paired_difference():
         assert "4k tokens" in row["measure"]
 
 
-def test_sft_static_equivalence_margin():
-    exp = make_exp(["sft", "opdlm"])
-    sft = [0.50, 0.52, 0.48]
+@pytest.mark.parametrize("other, row_id", [("sft", "sft_static"), ("opdlm_off", "opdlm_off")])
+def test_matching_findings_use_the_equivalence_margin(other, row_id):
+    exp = make_exp([other, "opdlm"])
+    base = [0.50, 0.52, 0.48]
     cases = {"agrees": [0.51, 0.51, 0.49],  # within ±MATCH_MARGIN
              "disagrees": [0.70, 0.75, 0.72],  # excludes 0 and leaves the margin
              "unresolved": [0.60, 0.40, 0.55],  # includes 0, leaves the margin
              }
     for verdict, op in cases.items():
-        runs = final("sft", sft) + final("opdlm", op)
-        row = by_id(findings(summarize(runs, exp), runs, exp))["sft_static"]
+        runs = final(other, base) + final("opdlm", op)
+        row = by_id(findings(summarize(runs, exp), runs, exp))[row_id]
         assert row["verdict"] == verdict, (verdict, row)
+        assert row["value"] == pytest.approx(sum(o - b for o, b in zip(op, base)) / 3)
     # Significantly above 0 but inside the margin: a match (equivalence is tested first).
-    runs = final("sft", sft) + final("opdlm", [0.52, 0.541, 0.50])
-    row = by_id(findings(summarize(runs, exp), runs, exp))["sft_static"]
+    runs = final(other, base) + final("opdlm", [0.52, 0.541, 0.50])
+    row = by_id(findings(summarize(runs, exp), runs, exp))[row_id]
     assert 0 < row["lo"] and row["hi"] < MATCH_MARGIN and row["verdict"] == "agrees"
 
 
