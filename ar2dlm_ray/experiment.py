@@ -16,7 +16,6 @@ from one arm (or budget list) to another.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -73,16 +72,17 @@ class Experiment:
         self.work = Path(exp.work_dir) / exp.name
         self.base = load_config(exp.run_config, exp.overrides)
 
-    def specs(self) -> list[RunSpec]:
-        """The runs that can be named now. Seed-major, so that a partial experiment already holds every arm
-        for its first seeds. With an lr_grid, the grid seeds run every rate first; an arm's other seeds appear
-        once its grid runs have finished and chosen its rate."""
+    def specs(self, finished: list[dict] | None = None) -> list[RunSpec]:
+        """The runs that can be named now, given the finished runs (read from disk when not given).
+        Seed-major, so that a partial experiment already holds every arm for its first seeds. With an
+        lr_grid, the grid seeds run every rate first; an arm's other seeds appear once its grid runs have
+        finished and chosen its rate."""
         exp = self.exp
         if not exp.lr_grid:
             return [RunSpec(arm, seed, tuple(exp.budgets_for(arm))) for seed in exp.seeds for arm in exp.arms]
         out = [RunSpec(arm, seed, tuple(exp.budgets_for(arm)), lr)
                for seed in exp.grid_seeds for arm in exp.arms for lr in exp.lr_grid]
-        chosen = self.chosen_lrs(self.finished_runs())
+        chosen = self.chosen_lrs(self.finished_runs() if finished is None else finished)
         return out + [RunSpec(arm, seed, tuple(exp.budgets_for(arm)), chosen[arm]["lr"])
                       for seed in exp.seeds if seed not in exp.grid_seeds for arm in exp.arms if arm in chosen]
 
@@ -162,9 +162,10 @@ class Experiment:
         running: dict = {}
         done, total = 0, self.total_runs() - len(self.finished_runs())
         while True:
-            finished = {p.stem for p in (self.out / "runs").glob("*.json")}
+            runs = self.finished_runs()
+            finished = {_key(r) for r in runs}
             busy = {s.key for s in running.values()}
-            ready = [s for s in self.specs() if s.key not in finished and s.key not in busy]
+            ready = [s for s in self.specs(runs) if s.key not in finished and s.key not in busy]
             late = deadline is not None and time.perf_counter() > deadline
             while ready and len(running) < parallel and not late:
                 spec = ready.pop(0)
@@ -240,13 +241,9 @@ def _key(run: dict) -> str:
 
 
 def _grid_test(runs: list[dict], arm: str, exp: ExperimentConfig) -> dict:
-    """Test accuracy (mean over grid seeds and budgets) at each rate of the grid: shown beside the
-    validation scores that chose the rate, never used for choosing."""
-    out = {}
-    for lr in sorted(exp.lr_grid):
-        done = [r for r in runs if r["arm"] == arm and r.get("lr") == lr and r["seed"] in exp.grid_seeds]
-        out[repr(lr)] = sum(sum(e["task_acc_static"] for e in r["evals"]) / len(r["evals"]) for r in done) / len(done)
-    return out
+    """Test accuracy at each rate of the grid: shown beside the validation scores that chose the rate,
+    never used for choosing."""
+    return {repr(lr): v for lr, v in grid_scores(runs, arm, exp.lr_grid, exp.grid_seeds, "task_acc_static").items()}
 
 
 def reference_rows(cfg: RunConfig, teacher_path: str) -> dict:
@@ -321,17 +318,25 @@ class _RayPool:
         return self.ray.get(handle)
 
 
-def select_lr(runs: list[dict], arm: str, grid: list[float], grid_seeds: list[int],
-              metric: str = "val_acc_static") -> dict | None:
-    """The grid's learning rate with the best validation accuracy for `arm`: the mean over grid seeds of the
-    mean over budgets (on log-spaced budgets, the area under the accuracy curve: learning fast and ending
-    high both count). None until all the arm's grid runs have finished; ties go to the smaller rate."""
+def grid_scores(runs: list[dict], arm: str, grid: list[float], grid_seeds: list[int], metric: str) -> dict | None:
+    """{lr: `metric` averaged over the arm's budgets, then over its grid seeds} in increasing lr (on
+    log-spaced budgets, the area under the curve: learning fast and ending high both count); None until
+    all the arm's grid runs have finished."""
     scores = {}
     for lr in sorted(grid):
         done = [r for r in runs if r["arm"] == arm and r.get("lr") == lr and r["seed"] in grid_seeds]
         if len(done) < len(grid_seeds):
             return None
         scores[lr] = sum(sum(e[metric] for e in r["evals"]) / len(r["evals"]) for r in done) / len(done)
+    return scores
+
+
+def select_lr(runs: list[dict], arm: str, grid: list[float], grid_seeds: list[int]) -> dict | None:
+    """The grid's learning rate with the best validation accuracy for `arm` (see grid_scores); None until
+    the arm's grid has finished; ties go to the smaller rate."""
+    scores = grid_scores(runs, arm, grid, grid_seeds, "val_acc_static")
+    if scores is None:
+        return None
     best = max(scores, key=lambda lr: scores[lr])  # the first maximum: the smallest rate among ties
     return {"lr": best, "scores": {repr(lr): v for lr, v in scores.items()}}
 
