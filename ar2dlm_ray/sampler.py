@@ -115,6 +115,17 @@ def choose_commits(conf: torch.Tensor, masked: torch.Tensor, quota: int, cfg: Sa
     return (rank < count[:, None]) & masked
 
 
+def past_settled_eos(block: torch.Tensor, masked: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Boolean [batch, B]: the positions after a block's first committed EOS, once nothing before that EOS
+    is still masked. The output drops them (§3, step 3), so denoising them would only spend forwards; at
+    micro scale, where an answer is a few tokens, they would dominate the count of tokens per forward."""
+    is_eos = torch.isin(block, eos) & ~masked
+    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), block.shape[1])
+    idx = torch.arange(block.shape[1], device=block.device)[None, :]
+    settled = ~(masked & (idx < first[:, None])).any(-1)
+    return settled[:, None] & (idx > first[:, None])
+
+
 class _RecomputeContext:
     """Runs [prompt, finished blocks, current block] from scratch at every step (the reference)."""
 
@@ -252,6 +263,8 @@ def sample(student: Student, prompts: list[list[int]], cfg: SamplerConfig, seed:
             block = torch.where(commit, tokens, block)
             reveal[:, b * B:(b + 1) * B][commit] = step
             masked &= ~commit
+            if len(eos_ids):
+                masked &= ~past_settled_eos(block, masked, eos_tensor)
             step += 1
         ctx.finish_block(block, start)
         seq[:, start:start + B] = block

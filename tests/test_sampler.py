@@ -103,6 +103,29 @@ def test_generation_stops_after_the_block_with_eos(student):
     assert stopped > 0
 
 
+@pytest.mark.parametrize("remasking,threshold", [("static", 0.9), ("dynamic", 0.3)])
+def test_a_block_ends_at_its_eos_once_everything_before_is_committed(student, remasking, threshold):
+    """Greedy decoding with a frequent end token against decoding that ignores it: the same tokens and
+    reveal steps up to the end, and the forwards are those the reference needed to commit everything up to
+    and including its first end token (the positions after it in that block cost none)."""
+    tok = student.tokenizer
+    comma = tok.encode(",", add_special_tokens=False)[0]
+    cfg = SamplerConfig(max_new_tokens=40, steps_per_block=4, remasking=remasking, threshold=threshold,
+                        temperature=0.0)
+    out = sample(student, _prompts(student), cfg, seed=0, eos_ids=[comma])
+    ref = sample(student, _prompts(student), cfg, seed=0, eos_ids=[])
+    saved = 0
+    for row in range(len(out.prompt_ids)):
+        n = int(out.gen_lens[row])
+        assert out.tokens(row) == ref.tokens(row)[:n]
+        assert out.reveals(row) == ref.reveals(row)[:n]
+        steps = [max(ref.reveals(row)[lo:min(lo + 4, n)]) + 1 for lo in range(0, n, 4)]
+        assert int(out.forwards[row]) == sum(steps)
+        end_block = ref.reveals(row)[(n - 1) // 4 * 4:(n - 1) // 4 * 4 + 4]
+        saved += max(end_block) + 1 - steps[-1]
+    assert saved > 0  # some row ended its last block early
+
+
 def test_seed_makes_sampling_reproducible(student):
     cfg = SamplerConfig(max_new_tokens=12, temperature=1.0)
     a, b = (sample(student, _prompts(student), cfg, seed=5) for _ in range(2))
