@@ -115,12 +115,16 @@ def choose_commits(conf: torch.Tensor, masked: torch.Tensor, quota: int, cfg: Sa
     return (rank < count[:, None]) & masked
 
 
+def first_index(flags: torch.Tensor) -> torch.Tensor:
+    """[batch]: the first True position of each row of `flags` [batch, B]; B where there is none."""
+    return torch.where(flags.any(-1), flags.float().argmax(-1), flags.shape[1])
+
+
 def past_settled_eos(block: torch.Tensor, masked: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     """Boolean [batch, B]: the positions after a block's first committed EOS, once nothing before that EOS
     is still masked. The output drops them (§3, step 3), so denoising them would only spend forwards; at
     micro scale, where an answer is a few tokens, they would dominate the count of tokens per forward."""
-    is_eos = torch.isin(block, eos) & ~masked
-    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), block.shape[1])
+    first = first_index(torch.isin(block, eos) & ~masked)
     idx = torch.arange(block.shape[1], device=block.device)[None, :]
     settled = ~(masked & (idx < first[:, None])).any(-1)
     return settled[:, None] & (idx > first[:, None])
@@ -269,9 +273,8 @@ def sample(student: Student, prompts: list[list[int]], cfg: SamplerConfig, seed:
         ctx.finish_block(block, start)
         seq[:, start:start + B] = block
         if len(eos_ids):
-            is_eos = torch.isin(block, eos_tensor) & active[:, None]
-            hit = is_eos.any(-1)
-            first = is_eos.float().argmax(-1)
+            first = first_index(torch.isin(block, eos_tensor) & active[:, None])
+            hit = first < B
             gen_lens = torch.where(hit, b * B + first + 1, gen_lens)
             active &= ~hit
         if not active.any():
