@@ -503,7 +503,7 @@ def format_headline(summary: dict) -> str:
     for arm, d in h["vs_kd_off"].items():
         lines.append(f"  {arm} - kd_off, static accuracy at the largest common budget: {_fmt(d)}")
     for row in summary.get("findings", []):
-        lines.append(f"  paper's finding '{row['claim']}': {row['verdict']}")
+        lines.append(f"  paper's finding '{row['claim']}' ({row['id']}): {row['verdict']}")  # ids tell bd3lm arms apart
     return "\n".join(lines)
 
 

@@ -108,6 +108,16 @@ def test_chat_headline_compares_each_arm_with_opdlm_by_seed():
     assert "kd_off 0.350 ±" in format_headline({"headline": h})
 
 
+def test_headline_names_each_findings_row():
+    """Finding 4 has one row per conversion arm with the same claim: the headline tells them apart."""
+    from ar2dlm_ray.experiment import format_headline
+
+    summary = json.loads(Path("results/micro_long_cpu/summary.json").read_text())
+    lines = [line for line in format_headline(summary).splitlines() if "paper's finding" in line]
+    assert len(lines) == len(summary["findings"]) == 4
+    assert [line.rsplit("(", 1)[1].split(")")[0] for line in lines] == [r["id"] for r in summary["findings"]]
+
+
 def test_bad_experiment_config_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"name: x\nrun_config: {CONFIG.replace('experiments/micro_ablation', 'micro')}\n"
