@@ -22,6 +22,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import Callable
 
 import torch
@@ -221,6 +222,8 @@ class Experiment:
         }
         if grid:
             summary["lr_grid"] = grid
+        if self.exp.lr_grid:
+            summary["lr_grid_runs"] = grid_table(every_run, self.exp)
         if wall_s is not None:
             summary["wall_s"] = wall_s
         previous = self.out / "summary.json"
@@ -329,6 +332,41 @@ def grid_scores(runs: list[dict], arm: str, grid: list[float], grid_seeds: list[
             return None
         scores[lr] = sum(sum(e[metric] for e in r["evals"]) / len(r["evals"]) for r in done) / len(done)
     return scores
+
+
+def grid_table(runs: list[dict], exp: ExperimentConfig) -> list[dict]:
+    """One row per arm and rate of the grid with the grid seeds finished so far: validation and test
+    accuracy averaged over budgets then seeds (as grid_scores), test at the last budget, and whether the
+    rate was chosen. Shows a grid spread over several invocations before it is complete."""
+    rows = []
+    for arm in exp.arms:
+        chosen = select_lr(runs, arm, exp.lr_grid, exp.grid_seeds)
+        for lr in sorted(exp.lr_grid):
+            done = sorted((r for r in runs if r["arm"] == arm and r.get("lr") == lr and r["seed"] in exp.grid_seeds),
+                          key=lambda r: r["seed"])
+            if not done:
+                continue
+            rows.append({"arm": arm, "lr": lr, "seeds": [r["seed"] for r in done],
+                         "val": fmean(fmean(e["val_acc_static"] for e in r["evals"]) for r in done),
+                         "test": fmean(fmean(e["task_acc_static"] for e in r["evals"]) for r in done),
+                         "test_last": fmean(r["evals"][-1]["task_acc_static"] for r in done),
+                         "chosen": None if chosen is None else chosen["lr"] == lr})
+    return rows
+
+
+def format_grid(rows: list[dict], exp: ExperimentConfig) -> str:
+    lines = [f"Grid seeds {exp.grid_seeds}. Accuracy is static; validation and test are averaged over the budgets "
+             "(then the seeds done); the rate with the best validation score is chosen once all grid seeds have "
+             "finished. The test columns never choose.", "",
+             "| arm | lr | grid seeds done | validation | test | test at the last budget | chosen |", "|" + " --- |" * 7]
+    for r in rows:
+        chosen = "grid unfinished" if r["chosen"] is None else "**yes**" if r["chosen"] else ""
+        lines.append(f"| {r['arm']} | {r['lr']:g} | {', '.join(map(str, r['seeds']))} | {r['val']:.3f} | "
+                     f"{r['test']:.3f} | {r['test_last']:.3f} | {chosen} |")
+    edge = [f"{r['arm']} ({r['lr']:g})" for r in rows if r["chosen"] and r["lr"] in (min(exp.lr_grid), max(exp.lr_grid))]
+    if edge:  # the best rate may lie outside the grid
+        lines += ["", "Chosen at the edge of the grid, so a rate beyond it may be better: " + ", ".join(edge) + "."]
+    return "\n".join(lines)
 
 
 def select_lr(runs: list[dict], arm: str, grid: list[float], grid_seeds: list[int]) -> dict | None:
@@ -530,4 +568,6 @@ def format_report(summary: dict, exp: ExperimentConfig) -> str:
             lines.append(f"| {arm} | {budget} | " + " | ".join(vals) + " |")
     if summary.get("findings"):
         lines += ["", "## The paper's findings against these runs", "", format_findings(summary["findings"])]
+    if summary.get("lr_grid_runs"):
+        lines += ["", "## The learning-rate grid", "", format_grid(summary["lr_grid_runs"], exp)]
     return "\n".join(lines + ["", "```", format_headline(summary), "```", ""])

@@ -80,14 +80,27 @@ def test_lr_grid_names_the_other_seeds_once_chosen_and_summarises_the_chosen_rat
     assert "opdlm-lr0.001-s2" in specs and not any(k.startswith("sft") and k.endswith("s2") for k in specs)
     assert next(s for s in e.specs() if s.seed == 2).lr == 1e-3
     assert e.run_config(next(s for s in e.specs() if s.seed == 2), "micro").train.lr == 1e-3
+    # sft's grid has one run so far: shown in the grid table, not chosen from.
+    (tmp_path / exp.name / "runs" / "sft-lr0.0005-s0.json").write_text(
+        json.dumps(_grid_run("sft", 5e-4, 0, [0.1, 0.3], test=0.25)))
     (tmp_path / exp.name / "reference.json").write_text(json.dumps(
         {"teacher": {"task_acc_static": 1.0}, "before": {"task_acc_static": 0.1}}))
     summary = e.summarize()
     assert summary["lr_grid"]["opdlm"]["lr"] == 1e-3 and "sft" not in summary["lr_grid"]
+    rows = {(r["arm"], r["lr"]): r for r in summary["lr_grid_runs"]}
+    assert set(rows) == {("opdlm", 5e-4), ("opdlm", 1e-3), ("sft", 5e-4)}
+    assert rows[("opdlm", 1e-3)] == {"arm": "opdlm", "lr": 1e-3, "seeds": [0, 1], "val": pytest.approx(0.65),
+                                     "test": pytest.approx(0.35), "test_last": pytest.approx(0.35), "chosen": True}
+    assert rows[("opdlm", 5e-4)]["chosen"] is False and rows[("opdlm", 5e-4)]["val"] == pytest.approx(0.35)
+    assert rows[("sft", 5e-4)]["seeds"] == [0] and rows[("sft", 5e-4)]["chosen"] is None
+    report = (tmp_path / exp.name / "report.md").read_text()
+    assert "| opdlm | 0.001 | 0, 1 | 0.650 | 0.350 | 0.350 | **yes** |" in report
+    assert "| sft | 0.0005 | 0 | 0.200 | 0.250 | 0.250 | grid unfinished |" in report
+    assert "at the edge of the grid, so a rate beyond it may be better: opdlm (0.001)." in report
     assert summary["lr_grid"]["opdlm"]["test"]["0.001"] == pytest.approx((0.3 + 0.4) / 2)
     cell = summary["arms"]["opdlm"]["2000"]["task_acc_static"]
     assert cell["n"] == 2 and cell["mean"] == pytest.approx(0.35)  # only the chosen rate's two seeds
-    assert not summary["complete"] and len(summary["runs"]) == 4
+    assert not summary["complete"] and len(summary["runs"]) == 5
 
 
 def test_chat_headline_compares_each_arm_with_opdlm_by_seed():
