@@ -327,11 +327,21 @@ def grid_scores(runs: list[dict], arm: str, grid: list[float], grid_seeds: list[
     all the arm's grid runs have finished."""
     scores = {}
     for lr in sorted(grid):
-        done = [r for r in runs if r["arm"] == arm and r.get("lr") == lr and r["seed"] in grid_seeds]
+        done = _grid_runs(runs, arm, lr, grid_seeds)
         if len(done) < len(grid_seeds):
             return None
-        scores[lr] = sum(sum(e[metric] for e in r["evals"]) / len(r["evals"]) for r in done) / len(done)
+        scores[lr] = _budget_mean(done, metric)
     return scores
+
+
+def _grid_runs(runs: list[dict], arm: str, lr: float, grid_seeds: list[int]) -> list[dict]:
+    return sorted((r for r in runs if r["arm"] == arm and r.get("lr") == lr and r["seed"] in grid_seeds),
+                  key=lambda r: r["seed"])
+
+
+def _budget_mean(runs: list[dict], metric: str) -> float:
+    """`metric` averaged over each run's budgets, then over the runs."""
+    return fmean(fmean(e[metric] for e in r["evals"]) for r in runs)
 
 
 def grid_table(runs: list[dict], exp: ExperimentConfig) -> list[dict]:
@@ -342,13 +352,11 @@ def grid_table(runs: list[dict], exp: ExperimentConfig) -> list[dict]:
     for arm in exp.arms:
         chosen = select_lr(runs, arm, exp.lr_grid, exp.grid_seeds)
         for lr in sorted(exp.lr_grid):
-            done = sorted((r for r in runs if r["arm"] == arm and r.get("lr") == lr and r["seed"] in exp.grid_seeds),
-                          key=lambda r: r["seed"])
+            done = _grid_runs(runs, arm, lr, exp.grid_seeds)
             if not done:
                 continue
             rows.append({"arm": arm, "lr": lr, "seeds": [r["seed"] for r in done],
-                         "val": fmean(fmean(e["val_acc_static"] for e in r["evals"]) for r in done),
-                         "test": fmean(fmean(e["task_acc_static"] for e in r["evals"]) for r in done),
+                         "val": _budget_mean(done, "val_acc_static"), "test": _budget_mean(done, "task_acc_static"),
                          "test_last": fmean(r["evals"][-1]["task_acc_static"] for r in done),
                          "chosen": None if chosen is None else chosen["lr"] == lr})
     return rows
