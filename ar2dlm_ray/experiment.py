@@ -358,8 +358,15 @@ def grid_table(runs: list[dict], exp: ExperimentConfig) -> list[dict]:
             rows.append({"arm": arm, "lr": lr, "seeds": [r["seed"] for r in done],
                          "val": _budget_mean(done, "val_acc_static"), "test": _budget_mean(done, "task_acc_static"),
                          "test_last": fmean(r["evals"][-1]["task_acc_static"] for r in done),
-                         "chosen": None if chosen is None else chosen["lr"] == lr})
+                         "chosen": None if chosen is None else chosen["lr"] == lr, "curve": _grid_curve(done)})
     return rows
+
+
+def _grid_curve(runs: list[dict]) -> list[dict]:
+    """Validation and test accuracy at each budget, averaged over `runs` (for the grid's figure)."""
+    return [{"budget": evals[0]["budget"], "tokens": fmean(e["tokens_trained"] for e in evals),
+             "val": fmean(e["val_acc_static"] for e in evals), "test": fmean(e["task_acc_static"] for e in evals)}
+            for evals in zip(*(r["evals"] for r in runs))]
 
 
 def format_grid(rows: list[dict], exp: ExperimentConfig) -> str:
@@ -577,5 +584,6 @@ def format_report(summary: dict, exp: ExperimentConfig) -> str:
     if summary.get("findings"):
         lines += ["", "## The paper's findings against these runs", "", format_findings(summary["findings"])]
     if summary.get("lr_grid_runs"):
-        lines += ["", "## The learning-rate grid", "", format_grid(summary["lr_grid_runs"], exp)]
+        lines += ["", "## The learning-rate grid", "", format_grid(summary["lr_grid_runs"], exp), "",
+                  "![validation and test accuracy against training tokens at each rate](lr_grid.png)"]
     return "\n".join(lines + ["", "```", format_headline(summary), "```", ""])

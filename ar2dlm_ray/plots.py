@@ -68,6 +68,8 @@ def plot_experiment(summary: dict, exp: ExperimentConfig, out: Path) -> list[Pat
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
+    if summary.get("lr_grid_runs"):
+        paths.append(plot_grid(summary, out / "lr_grid.png"))
     if "task_acc_static" not in ref["teacher"]:  # chat prompts: no task accuracy to plot against parallelism
         return paths
     # Decoding robustness: accuracy against tokens per forward at the largest common budget.
@@ -96,6 +98,40 @@ def plot_experiment(summary: dict, exp: ExperimentConfig, out: Path) -> list[Pat
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "accuracy_vs_tokens_per_forward.png")
-    fig.savefig(paths[1], dpi=110)
+    fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def plot_grid(summary: dict, path: Path) -> Path:
+    """The learning-rate grid, one panel per arm: validation accuracy (which chooses the rate, solid) and
+    test accuracy (dotted) against training tokens at each rate, averaged over the grid seeds done."""
+    rows = summary["lr_grid_runs"]
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    cols = min(3, len(arms))
+    fig, axes = plt.subplots(-(-len(arms) // cols), cols, figsize=(5 * cols, 3.8 * -(-len(arms) // cols)),
+                             squeeze=False)
+    teacher = summary["reference"]["teacher"].get("task_acc_static")
+    for ax, arm in zip(axes.flat, arms):
+        for r in (r for r in rows if r["arm"] == arm):
+            xs = [c["tokens"] for c in r["curve"]]
+            mark = " (chosen)" if r["chosen"] else ""
+            (line,) = ax.plot(xs, [c["val"] for c in r["curve"]], marker="o", ms=3, lw=2.5 if r["chosen"] else 1.2,
+                              label=f"lr {r['lr']:g}, seeds {','.join(map(str, r['seeds']))}{mark}")
+            ax.plot(xs, [c["test"] for c in r["curve"]], ls=":", color=line.get_color())
+        if teacher is not None:
+            ax.axhline(teacher, color="black", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_ylim(0.0, 1.02)
+        ax.set_xlabel("training tokens")
+        ax.set_title(arm)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(arms):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{summary['experiment']}: learning-rate grid; validation accuracy solid (chooses the rate), "
+                 "test dotted, teacher dashed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -90,7 +90,11 @@ def test_lr_grid_names_the_other_seeds_once_chosen_and_summarises_the_chosen_rat
     rows = {(r["arm"], r["lr"]): r for r in summary["lr_grid_runs"]}
     assert set(rows) == {("opdlm", 5e-4), ("opdlm", 1e-3), ("sft", 5e-4)}
     assert rows[("opdlm", 1e-3)] == {"arm": "opdlm", "lr": 1e-3, "seeds": [0, 1], "val": pytest.approx(0.65),
-                                     "test": pytest.approx(0.35), "test_last": pytest.approx(0.35), "chosen": True}
+                                     "test": pytest.approx(0.35), "test_last": pytest.approx(0.35), "chosen": True,
+                                     "curve": [{"budget": 1000, "tokens": 1008, "val": pytest.approx(0.6),
+                                                "test": pytest.approx(0.35)},
+                                               {"budget": 2000, "tokens": 2008, "val": pytest.approx(0.7),
+                                                "test": pytest.approx(0.35)}]}
     assert rows[("opdlm", 5e-4)]["chosen"] is False and rows[("opdlm", 5e-4)]["val"] == pytest.approx(0.35)
     assert rows[("sft", 5e-4)]["seeds"] == [0] and rows[("sft", 5e-4)]["chosen"] is None
     report = (tmp_path / exp.name / "report.md").read_text()
@@ -101,6 +105,7 @@ def test_lr_grid_names_the_other_seeds_once_chosen_and_summarises_the_chosen_rat
     cell = summary["arms"]["opdlm"]["2000"]["task_acc_static"]
     assert cell["n"] == 2 and cell["mean"] == pytest.approx(0.35)  # only the chosen rate's two seeds
     assert not summary["complete"] and len(summary["runs"]) == 5
+    assert (tmp_path / exp.name / "lr_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_chat_headline_compares_each_arm_with_opdlm_by_seed():
