@@ -103,8 +103,9 @@ class Experiment:
             *self.exp.arm_overrides(spec.arm), f"model.teacher={teacher_path}", f"train.recipe={self.exp.recipe_of(spec.arm)}",
             f"train.seed={spec.seed}", f"train.out_dir={self.work / spec.key}", f"train.max_steps={RUN_STEPS}",
             f"train.checkpoint_every={RUN_STEPS}", "logging.progress=false",
-            *([f"train.lr={spec.lr!r}"] if spec.lr is not None else [])])
-        cfg.train.min_lr = cfg.train.lr  # constant after warm-up, at this arm's own learning rate
+            # constant after warm-up, at this arm's own rate (set together: min_lr <= lr is validated)
+            *([f"train.lr={spec.lr!r}", f"train.min_lr={spec.lr!r}"] if spec.lr is not None else [])])
+        cfg.train.min_lr = cfg.train.lr  # the same for a rate from the run config
         return cfg
 
     # ---- running ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from ar2dlm_ray.cli import main
 from ar2dlm_ray.config import ConfigError, load_experiment_config
-from ar2dlm_ray.experiment import Experiment, mean_ci
+from ar2dlm_ray.experiment import Experiment, RunSpec, mean_ci
 
 CONFIG = "configs/experiments/micro_ablation.yaml"
 
@@ -80,6 +80,8 @@ def test_lr_grid_names_the_other_seeds_once_chosen_and_summarises_the_chosen_rat
     assert "opdlm-lr0.001-s2" in specs and not any(k.startswith("sft") and k.endswith("s2") for k in specs)
     assert next(s for s in e.specs() if s.seed == 2).lr == 1e-3
     assert e.run_config(next(s for s in e.specs() if s.seed == 2), "micro").train.lr == 1e-3
+    low = e.run_config(RunSpec("sft", 0, (), 6.25e-5), "micro").train  # below the run config's min_lr
+    assert low.lr == low.min_lr == 6.25e-5
     # sft's grid has one run so far: shown in the grid table, not chosen from.
     (tmp_path / exp.name / "runs" / "sft-lr0.0005-s0.json").write_text(
         json.dumps(_grid_run("sft", 5e-4, 0, [0.1, 0.3], test=0.25)))
