@@ -391,7 +391,9 @@ def select_lr(runs: list[dict], arm: str, grid: list[float], grid_seeds: list[in
     scores = grid_scores(runs, arm, grid, grid_seeds, "val_acc_static")
     if scores is None:
         return None
-    best = max(scores, key=lambda lr: scores[lr])  # the first maximum: the smallest rate among ties
+    # Accuracies are multiples of 1/prompts, so equal sums tie exactly; averaging in another order can
+    # still differ in the last bit, which must not decide. Round, then take the first (smallest) maximum.
+    best = max(scores, key=lambda lr: round(scores[lr], 9))
     return {"lr": best, "scores": {repr(lr): v for lr, v in scores.items()}}
 
 

@@ -43,7 +43,7 @@ def test_tokens_to_target_interpolates_in_log_tokens():
 
 def _grid_run(arm, lr, seed, val, test=0.5):
     evals = [{"budget": b, "tokens_trained": b + 8, "task_acc_static": test, "tpf_static": 0.9, "val_acc_static": v}
-             for b, v in zip((1000, 2000), val)]
+             for b, v in zip((1000, 2000, 4000), val)]
     return {"arm": arm, "seed": seed, "lr": lr, "evals": evals, "accounting": {}, "wall_s": 1.0}
 
 
@@ -58,6 +58,15 @@ def test_select_lr_averages_validation_over_budgets_and_waits_for_the_grid():
     assert select_lr(runs, "sft", [5e-4, 1e-3], [0, 1]) is None
     tie = [_grid_run("sft", lr, s, [0.5, 0.5]) for lr in (1e-3, 2.5e-4) for s in (0, 1)]
     assert select_lr(tie, "sft", [1e-3, 2.5e-4], [0, 1])["lr"] == 2.5e-4  # ties go to the smaller rate
+    # the same six accuracies arranged otherwise: equal means, but averaged in float the larger rate's
+    # mean is one ulp higher; the tie must still go to the smaller rate
+    small = [[0.578125, 0.0390625, 0.828125], [0.1953125, 0.3671875, 0.5859375]]
+    large = [[0.578125, 0.3671875, 0.828125], [0.1953125, 0.0390625, 0.5859375]]
+    ulp = [_grid_run("sft", lr, s, vals) for lr, arranged in ((1e-4, small), (2e-4, large))
+           for s, vals in enumerate(arranged)]
+    scores = select_lr(ulp, "sft", [1e-4, 2e-4], [0, 1])
+    assert scores["scores"]["0.0001"] < scores["scores"]["0.0002"]  # the float means differ ...
+    assert scores["lr"] == 1e-4  # ... but the tie goes to the smaller rate
 
 
 def test_lr_grid_names_the_other_seeds_once_chosen_and_summarises_the_chosen_rate(tmp_path):
