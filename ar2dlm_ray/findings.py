@@ -61,14 +61,17 @@ def first_reach(points: list[tuple[float, float]], target: float) -> tuple[int, 
 
 def seed_tokens_to_target(run: dict, budgets: list[int], target: float) -> dict | None:
     """Tokens to `target` static accuracy on one seed's own curve ({"tokens": None, "not_reached_by": last
-    tokens trained} when never reached; None without data)."""
+    tokens trained} when never reached; None without data). "first": reached by the first evaluation, so
+    the tokens are only an upper bound (it may have been reached earlier)."""
     evals = {e["budget"]: e for e in run["evals"]}
     points = [(evals[b]["task_acc_static"], evals[b]["tokens_trained"]) for b in budgets
               if b in evals and evals[b].get("task_acc_static") is not None]
     if not points:
         return None
     hit = first_reach(points, target)
-    return {"tokens": hit[1], "not_reached_by": None} if hit else {"tokens": None, "not_reached_by": points[-1][1]}
+    if hit is None:
+        return {"tokens": None, "not_reached_by": points[-1][1], "first": False}
+    return {"tokens": hit[1], "not_reached_by": None, "first": hit[0] == 0}
 
 
 def _k(tokens: float) -> str:
@@ -105,46 +108,44 @@ def _fmt_ci(ci: dict) -> str:
     return "-" if ci["mean"] is None else f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
 
 
-def _vs_conversion(runs: list[dict], exp, target: float, target_note: str) -> list[dict]:
-    """Finding 4, one row per arm of recipe bd3lm: (its tokens to target) / (opdlm's), paired by seed.
-    Both reached in every seed: geometric mean with a t-interval in log space. The conversion arm missed
-    in some seed: only a lower bound, the smallest per-seed ratio, taking its last tokens trained as its
-    tokens where it missed. opdlm missed in some seed: that seed's ratio has no bound, so unresolved."""
-    def reach(arm):
-        out = {r["seed"]: seed_tokens_to_target(r, exp.budgets_for(arm), target) for r in runs if r["arm"] == arm}
+def _vs_conversion(runs: list[dict], exp, arm: str, id_: str, target: float, target_note: str) -> dict:
+    """Finding 4 for one arm of recipe bd3lm: (its tokens to target) / (opdlm's), paired by seed.
+    Both reached in every seed: geometric mean with a t-interval in log space. A lower bound only, the
+    smallest per-seed ratio, where the conversion arm missed in some seed (its last tokens trained stand
+    for its tokens) or opdlm reached the target by its first evaluation (its tokens are an upper bound).
+    opdlm missed in some seed: that seed's ratio has no bound, so unresolved."""
+    def reach(name):
+        out = {r["seed"]: seed_tokens_to_target(r, exp.budgets_for(name), target) for r in runs if r["arm"] == name}
         return {s: v for s, v in out.items() if v is not None}
 
     claim = (f"OPDLM needs at least {RATIO_THRESHOLD:.0f}x fewer training tokens than standard conversion "
              "(bd3lm) to reach the same quality")
-    op, rows = reach("opdlm"), []
-    for arm in exp.arms:
-        if exp.recipe_of(arm) != "bd3lm":
-            continue
-        conv = reach(arm)
-        seeds = sorted(set(op) & set(conv))
-        measure = f"{arm} / opdlm training tokens to static accuracy {target:.3f}, per seed, paired"
-        op_missed = [s for s in seeds if op[s]["tokens"] is None]
-        missed = [s for s in seeds if conv[s]["tokens"] is None]
-        if not seeds or op_missed:
-            note = f"opdlm did not reach the target in seed(s) {op_missed}; {target_note}" if op_missed else target_note
-            rows.append(_row(f"vs_{arm}", claim, measure, {"mean": None, "lo": None, "hi": None, "n": len(seeds)},
-                             "unresolved", note, unit="ratio"))
-            continue
-        if not missed:
-            log_ci = mean_ci([math.log(conv[s]["tokens"] / op[s]["tokens"]) for s in seeds])
-            ci = {k: math.exp(log_ci[k]) for k in ("mean", "lo", "hi")} | {"n": log_ci["n"]}
-            verdict = ("agrees" if ci["lo"] >= RATIO_THRESHOLD else "disagrees" if ci["hi"] < RATIO_THRESHOLD
-                       else "unresolved")
-            rows.append(_row(f"vs_{arm}", claim, measure + " (geometric mean)", ci, verdict, target_note,
-                             unit="ratio"))
-            continue
-        bound = min((conv[s]["tokens"] or conv[s]["not_reached_by"]) / op[s]["tokens"] for s in seeds)
+    op, conv = reach("opdlm"), reach(arm)
+    seeds = sorted(set(op) & set(conv))
+    measure = f"{arm} / opdlm training tokens to static accuracy {target:.3f}, per seed, paired"
+    op_missed = [s for s in seeds if op[s]["tokens"] is None]
+    if not seeds or op_missed:
+        note = f"opdlm did not reach the target in seed(s) {op_missed}; {target_note}" if op_missed else target_note
+        return _row(id_, claim, measure, {"mean": None, "lo": None, "hi": None, "n": len(seeds)}, "unresolved", note,
+                    unit="ratio")
+    missed = [s for s in seeds if conv[s]["tokens"] is None]
+    op_first = [s for s in seeds if op[s]["first"]]
+    if not missed and not op_first:
+        log_ci = mean_ci([math.log(conv[s]["tokens"] / op[s]["tokens"]) for s in seeds])
+        ci = {k: math.exp(log_ci[k]) for k in ("mean", "lo", "hi")} | {"n": log_ci["n"]}
+        verdict = "agrees" if ci["lo"] >= RATIO_THRESHOLD else "disagrees" if ci["hi"] < RATIO_THRESHOLD else "unresolved"
+        return _row(id_, claim, measure + " (geometric mean)", ci, verdict, target_note, unit="ratio")
+    bound = min((conv[s]["tokens"] or conv[s]["not_reached_by"]) / op[s]["tokens"] for s in seeds)
+    why = []
+    if missed:
         last = max(conv[s]["not_reached_by"] for s in missed)
-        note = f"a lower bound: {arm} did not reach the target by {_k(last)} tokens in seed(s) {missed}; {target_note}"
-        rows.append(_row(f"vs_{arm}", claim, measure + " (smallest per-seed ratio or bound)",
-                         {"mean": None, "lo": None, "hi": None, "n": len(seeds)},
-                         "agrees" if bound >= RATIO_THRESHOLD else "unresolved", note, unit="ratio", lower_bound=bound))
-    return rows
+        why.append(f"{arm} did not reach the target by {_k(last)} tokens in seed(s) {missed}")
+    if op_first:
+        why.append(f"opdlm reached it by its first evaluation in seed(s) {op_first}")
+    note = f"a lower bound: {'; '.join(why)}; {target_note}"
+    return _row(id_, claim, measure + " (smallest per-seed ratio or bound)",
+                {"mean": None, "lo": None, "hi": None, "n": len(seeds)},
+                "agrees" if bound >= RATIO_THRESHOLD else "unresolved", note, unit="ratio", lower_bound=bound)
 
 
 def findings(summary: dict, runs: list[dict], exp) -> list[dict]:
@@ -193,7 +194,17 @@ def findings(summary: dict, runs: list[dict], exp) -> list[dict]:
         target = exp.target_fraction * min(teacher_acc, best)
         target_note = (f"target {target:.3f}: {exp.target_fraction:.0%} of the lower of the teacher ({teacher_acc:.3f}) "
                        f"and the best arm's mean ({best:.3f})")
-        rows += _vs_conversion(runs, exp, target, target_note)
+        for arm in (a for a in exp.arms if exp.recipe_of(a) == "bd3lm"):
+            rows.append(_vs_conversion(runs, exp, arm, f"vs_{arm}", target, target_note))
+            # The paper compares against the quality conversion itself reaches: a target that the
+            # conversion arm meets turns a lower bound into a measured ratio.
+            own = max((c[static]["mean"] for c in summary["arms"].get(arm, {}).values()
+                       if c.get(static, {}).get("mean") is not None), default=None)
+            if own is not None:
+                own_target = exp.target_fraction * own
+                rows.append(_vs_conversion(runs, exp, arm, f"vs_{arm}_own", own_target,
+                                           f"target {own_target:.3f}: {exp.target_fraction:.0%} of {arm}'s best "
+                                           f"mean ({own:.3f}), a quality that conversion reaches"))
     return rows
 
 

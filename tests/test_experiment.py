@@ -143,7 +143,7 @@ def test_headline_names_each_findings_row():
 
     summary = json.loads(Path("results/micro_long_cpu/summary.json").read_text())
     lines = [line for line in format_headline(summary).splitlines() if "paper's finding" in line]
-    assert len(lines) == len(summary["findings"]) == 4
+    assert len(lines) == len(summary["findings"]) == 6  # two rows per conversion arm: common and own target
     assert [line.rsplit("(", 1)[1].split(")")[0] for line in lines] == [r["id"] for r in summary["findings"]]
 
 
@@ -198,8 +198,8 @@ def test_smoke_experiment_on_ray(tmp_path, capsys):
     assert summary["runs"][f"bd3lm-lr{grid['bd3lm']['lr']:g}-s0"]["accounting"]["sampler_forwards"] == 0
     assert summary["config"]["variants"]["bd3lm_mix"]["recipe"] == "bd3lm"
     assert summary["runs"][f"opdlm-lr{grid['opdlm']['lr']:g}-s0"]["accounting"]["sampler_forwards"] > 0
-    assert {f["id"] for f in summary["findings"]} == {"on_policy", "opdlm_off", "sft_static", "sft_dynamic",
-                                                      "vs_bd3lm", "vs_bd3lm_mix"}
+    assert {f["id"] for f in summary["findings"]} == {"on_policy", "opdlm_off", "sft_static", "sft_dynamic", "vs_bd3lm",
+                                                      "vs_bd3lm_own", "vs_bd3lm_mix", "vs_bd3lm_mix_own"}
     h = summary["headline"]
     assert h["target_acc"] <= h["best_acc"] and set(h["tokens_to_target"]) == set(exp.arms)
     assert set(h["static_to_dynamic"]) == {"sft", "opdlm"} and set(h["vs_kd_off"]) == {"opdlm", "opdlm_off"}

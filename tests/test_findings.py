@@ -106,9 +106,11 @@ def test_seed_tokens_to_target_interpolates_in_log_tokens():
     r = run("opdlm", 0, [0.3, 0.7, 0.8], tokens=[1024, 2100, 4200])
     # 0.4 is a quarter of the way from 0.3 to 0.7: a quarter of the way from 1024 to 2100 on a log axis.
     expected = math.exp(math.log(1024) + 0.25 * (math.log(2100) - math.log(1024)))
-    assert seed_tokens_to_target(r, BUDGETS, 0.4) == {"tokens": pytest.approx(expected), "not_reached_by": None}
-    assert seed_tokens_to_target(r, BUDGETS, 0.2) == {"tokens": 1024, "not_reached_by": None}
-    assert seed_tokens_to_target(r, BUDGETS, 0.9) == {"tokens": None, "not_reached_by": 4200}
+    assert seed_tokens_to_target(r, BUDGETS, 0.4) == {"tokens": pytest.approx(expected), "not_reached_by": None,
+                                                      "first": False}
+    # reached by the first evaluation: its tokens are only an upper bound
+    assert seed_tokens_to_target(r, BUDGETS, 0.2) == {"tokens": 1024, "not_reached_by": None, "first": True}
+    assert seed_tokens_to_target(r, BUDGETS, 0.9) == {"tokens": None, "not_reached_by": 4200, "first": False}
     assert seed_tokens_to_target({"evals": []}, BUDGETS, 0.4) is None
 
 
@@ -133,7 +135,7 @@ def test_vs_bd3lm_ratio_interval_against_a_direct_computation():
              "unresolved": [12e3, 120e3, 30e3, 160e3, 100e3]}  # a geometric mean above 10x, the interval is not
     for verdict, conv in cases.items():
         runs = conversion_runs(op, conv)
-        [row] = findings(summarize(runs, exp), runs, exp)
+        row = by_id(findings(summarize(runs, exp), runs, exp))["vs_bd3lm"]
         logs = [math.log(c / o) for c, o in zip(conv, op)]
         mean = sum(logs) / 5
         half = 2.776 * math.sqrt(sum((v - mean) ** 2 for v in logs) / 4) / math.sqrt(5)
@@ -164,10 +166,46 @@ def test_vs_bd3lm_lower_bound_and_opdlm_not_reaching():
     assert row["verdict"] == "unresolved" and row["lower_bound"] is None and "seed(s) [1]" in row["note"]
 
 
+def test_vs_bd3lm_own_target_is_measured_where_the_common_one_is_only_bounded():
+    """At 90 % of bd3lm's own best mean both arms reach the target in every seed: a ratio with an interval,
+    where the common target (90 % of the teacher) gives only a lower bound."""
+    exp = make_exp(["bd3lm", "opdlm"], seeds=[0, 1, 2], extra_budgets={"bd3lm": [128000]})
+    runs = []
+    for s in range(3):
+        runs.append(run("opdlm", s, [0.1, 0.3 + 0.01 * s, 0.5], tokens=[1016, 2016, 4016]))
+        conv = run("bd3lm", s, [0.1, 0.2, 0.3], tokens=[1016, 2016, 4016])
+        conv["evals"].append({"budget": 128000, "tokens_trained": 128016, "task_acc_static": 0.4})
+        runs.append(conv)
+    rows = by_id(findings(summarize(runs, exp), runs, exp))
+    assert rows["vs_bd3lm"]["value"] is None and rows["vs_bd3lm"]["lower_bound"] is not None  # 0.45: bd3lm never
+
+    target = 0.9 * 0.4  # bd3lm's best mean is 0.4, at 128k
+
+    def log_interp(a0, t0, a1, t1):
+        return math.exp(math.log(t0) + (target - a0) / (a1 - a0) * (math.log(t1) - math.log(t0)))
+
+    conv_tokens = log_interp(0.3, 4016, 0.4, 128016)
+    ratios = [math.log(conv_tokens / log_interp(0.3 + 0.01 * s, 2016, 0.5, 4016)) for s in range(3)]
+    mean = sum(ratios) / 3
+    half = 4.303 * math.sqrt(sum((r - mean) ** 2 for r in ratios) / 2) / math.sqrt(3)
+    own = rows["vs_bd3lm_own"]
+    assert f"{target:.3f}" in own["measure"] and own["n"] == 3 and own["lower_bound"] is None
+    assert (own["value"], own["lo"], own["hi"]) == pytest.approx(
+        (math.exp(mean), math.exp(mean - half), math.exp(mean + half)), rel=1e-9)
+    assert own["verdict"] == "agrees"  # about 44x, a narrow interval
+
+    # opdlm at the target by its first evaluation in seed 1: its tokens are an upper bound, the ratio a lower one
+    runs[2]["evals"][0]["task_acc_static"] = 0.4
+    own = by_id(findings(summarize(runs, exp), runs, exp))["vs_bd3lm_own"]
+    assert own["value"] is None and own["lower_bound"] == pytest.approx(min(
+        conv_tokens / 1016, *(conv_tokens / log_interp(0.3 + 0.01 * s, 2016, 0.5, 4016) for s in (0, 2))))
+    assert "opdlm reached it by its first evaluation in seed(s) [1]" in own["note"]
+
+
 def test_missing_arms_are_skipped_and_missing_data_is_unresolved():
     exp = make_exp(["bd3lm", "opdlm"], extra_budgets={"bd3lm": [128000]})
     runs = conversion_runs([4000, 4000, 4000], [60e3, 50e3, 70e3])
-    assert [r["id"] for r in findings(summarize(runs, exp), runs, exp)] == ["vs_bd3lm"]
+    assert [r["id"] for r in findings(summarize(runs, exp), runs, exp)] == ["vs_bd3lm", "vs_bd3lm_own"]
     exp = make_exp(["sft", "kd_off"])
     assert findings({"arms": {}, "reference": {"teacher": {"task_acc_static": 0.5}}}, [], exp) == []
     exp = make_exp(["bd3lm", "sft", "kd_off", "opdlm"])
@@ -191,7 +229,7 @@ def test_format_findings_table():
     text = format_findings(rows)
     lines = text.splitlines()
     assert lines[0] == "| paper's finding | measured here | value [95 % interval] | n | verdict | note |"
-    assert len(lines) == 2 + len(rows) == 5 and all(line.count(" | ") == 5 for line in lines[2:])
+    assert len(lines) == 2 + len(rows) == 7 and all(line.count(" | ") == 5 for line in lines[2:])
     r = by_id(rows)
     assert r["on_policy"]["verdict"] == "agrees" and "| +0.340 [+0.315, +0.365] | 3 | agrees |" in text
     assert f"{r['vs_bd3lm']['value']:.1f}x [{r['vs_bd3lm']['lo']:.1f}x, {r['vs_bd3lm']['hi']:.1f}x]" in text
