@@ -273,7 +273,7 @@ def cmd_experiment(args) -> None:
     from .config import load_experiment_config
     from .experiment import Experiment, format_headline
 
-    exp = load_experiment_config(args.config, args.overrides, smoke=args.smoke)
+    exp = load_experiment_config(args.config, args.overrides, smoke=args.smoke, settings=args.settings)
     updates = {k: v for k, v in (("parallel", args.parallel), ("results_dir", args.results_dir),
                                  ("work_dir", args.work_dir), ("runner", args.runner)) if v is not None}
     exp = exp.model_copy(update=updates)
@@ -454,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default=None, help="default: the config's results_dir (results/)")
     p.add_argument("--work-dir", default=None, help="training state of unfinished runs (default: runs/experiments)")
     p.add_argument("--summarize-only", action="store_true", help="rebuild summary, report and plots from finished runs")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
+                   help="replace a field of the experiment, e.g. --set name=edges --set 'arms=[sft]' "
+                        "--set 'lr_grid=[3.125e-5]' (repeatable)")
     _add_overrides(p)
     p.set_defaults(func=cmd_experiment)
 

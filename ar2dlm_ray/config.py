@@ -560,9 +560,11 @@ class ExperimentConfig(_Strict):
 
 
 def load_experiment_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                           smoke: bool = False) -> ExperimentConfig:
+                           smoke: bool = False, settings: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """An experiment YAML; `overrides` (key.sub=value) go to every arm's run config, which is validated
-    here so that a typo fails before any training starts."""
+    here so that a typo fails before any training starts. `settings` (field=value) replace fields of the
+    experiment itself, after the smoke variant: a check that reuses a design, e.g. two arms at a new rate
+    under a new name, without a copy of its file."""
     tree = _read_yaml(path)
     source = str(path) + (" (smoke)" if smoke else "")
     if smoke:
@@ -572,6 +574,14 @@ def load_experiment_config(path: str | Path, overrides: list[str] | tuple[str, .
         for key, value in variant.items():
             tree[key] = list(tree.get("overrides", [])) + list(value) if key == "overrides" else value
         tree["name"] = f"{tree.get('name', 'experiment')}_smoke"
+    for text in settings:
+        keys, value = parse_override(text)
+        if keys[0] == "overrides":
+            raise ConfigError(f"--set {text!r}: run-config overrides are positional arguments (key.sub=value), "
+                              "not --set")
+        _set_dotted(tree, keys, value, text)
+    if settings:
+        source += " with --set " + " ".join(settings)
     tree["overrides"] = list(tree.get("overrides", [])) + list(overrides)
     try:
         exp = ExperimentConfig.model_validate(tree)

@@ -164,6 +164,22 @@ def test_bad_experiment_config_is_a_clear_error(tmp_path):
         load_experiment_config(bad)
 
 
+def test_set_replaces_experiment_fields_and_rejects_typos():
+    """`--set` reuses a design under a new name (two arms at a new rate); a misspelt field or a bad value
+    fails before any run, and run-config overrides are kept apart from it."""
+    exp = load_experiment_config(CONFIG, settings=["name=edges", "arms=[bd3lm, sft]", "seeds=[0, 1]",
+                                                  "lr_grid=[3.125e-5, 6.25e-5]"])
+    base = load_experiment_config(CONFIG)
+    assert (exp.name, exp.arms, exp.seeds, exp.lr_grid) == ("edges", ["bd3lm", "sft"], [0, 1], [3.125e-5, 6.25e-5])
+    assert (exp.grid_seeds, exp.budgets, exp.overrides) == (base.grid_seeds, base.budgets, base.overrides)
+    with pytest.raises(ConfigError, match="lr_gird: unknown key"):
+        load_experiment_config(CONFIG, settings=["lr_gird=[1e-4]"])
+    with pytest.raises(ConfigError, match=r"grid_seeds \[0, 1\] must be among seeds \[2\]"):
+        load_experiment_config(CONFIG, settings=["seeds=[2]"])
+    with pytest.raises(ConfigError, match="positional arguments"):
+        load_experiment_config(CONFIG, settings=["overrides=[train.lr=1]"])
+
+
 @pytest.mark.slow
 def test_smoke_experiment_on_ray(tmp_path, capsys):
     """`ar2dlm experiment --smoke` on the shipped config: every arm and seed evaluated at every budget,
