@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .config import ExperimentConfig, RunConfig, dump_config, load_config
+from .config import ExperimentConfig, RunConfig, StartupError, dump_config, load_config
 from .findings import first_reach, findings, format_findings, mean_ci, paired
 
 RUN_STEPS = 1_000_000_000  # runs end at their last budget, never by step count
@@ -116,6 +116,7 @@ class Experiment:
 
         start = time.perf_counter()
         teacher_path = resolve_teacher_path(self.base, self.log)
+        digest = self.check_teacher(teacher_path)
         done = len(self.finished_runs())
         todo = self.total_runs() - done
         self.log(f"[experiment] {self.exp.name}: {self.total_runs()} runs ({len(self.exp.arms)} arms x "
@@ -123,7 +124,8 @@ class Experiment:
                                                    if self.exp.lr_grid else "") +
                  f"), {done} already finished; results in {self.out}")
         if not (self.out / "reference.json").is_file():
-            _atomic_json(self.out / "reference.json", reference_rows(self.base, teacher_path))
+            _atomic_json(self.out / "reference.json", {**reference_rows(self.base, teacher_path),
+                                                       "teacher_sha256": digest})
             self.log("[experiment] evaluated the teacher and the converted student before training")
         parallel = max(1, min(todo, self.exp.parallel or os.cpu_count() or 1))
         threads = max(1, (os.cpu_count() or 1) // parallel)
@@ -144,6 +146,29 @@ class Experiment:
         summary = self.summarize(wall_s=time.perf_counter() - start)
         self.log(format_headline(summary))
         return summary
+
+    def check_teacher(self, teacher_path: str) -> str | None:
+        """The teacher's weights digest, refused if this experiment's results were made with another: resuming
+        on a machine that pretrained its own micro teacher (the weights depend on the CPU's kernels) would
+        otherwise mix two teachers under one cache path."""
+        digest = teacher_digest(teacher_path)
+        if digest is None:
+            return None
+        reference = self.out / "reference.json"
+        recorded = {r.get("teacher_sha256") for r in self.finished_runs()}
+        if reference.is_file():
+            recorded.add(json.loads(reference.read_text()).get("teacher_sha256"))
+        other = recorded - {None, digest}
+        if other:
+            raise StartupError(
+                f"{self.out} was made with the teacher whose weights digest is {', '.join(sorted(other))}, but "
+                f"{teacher_path} has {digest}: adding runs would mix two teachers. Copy the original teacher "
+                f"directory to {teacher_path} (a micro teacher pretrained on another CPU is another model), or "
+                f"start a new experiment with --set name=NEW (or --results-dir)")
+        if None in recorded:
+            self.log(f"[experiment] some results in {self.out} predate teacher digests: they cannot be checked "
+                     f"against this teacher ({digest})")
+        return digest
 
     def _schedule_on_ray(self, parallel: int, teacher_path: str, threads: int, start: float, deadline) -> None:
         import ray
@@ -215,6 +240,7 @@ class Experiment:
         summary = {
             "experiment": self.exp.name, "code_version": code_version(),
             "run_code_versions": sorted({r.get("code_version", "?") for r in runs}),
+            "teacher_sha256": sorted({r.get("teacher_sha256") or "not recorded" for r in runs}),
             "config": self.exp.model_dump(mode="json"), "run_config": dump_config(self.base),
             "reference": reference, "arms": arms,
             "runs": {_key(r): {"wall_s": r["wall_s"], "accounting": r["accounting"], "lr": r.get("lr")}
@@ -461,10 +487,18 @@ def run_one(experiment: Experiment, spec: RunSpec, teacher_path: str, threads: i
     return _finish(experiment, spec, result_path, work, evals, trainer.accounting, start, teacher_path)
 
 
+def teacher_digest(teacher_path: str) -> str | None:
+    """The weights digest of a local teacher directory; None for a hub id, whose weights are the hub's."""
+    from .pretrain import weights_digest
+
+    return weights_digest(teacher_path) if any(Path(teacher_path).glob("*.safetensors")) else None
+
+
 def _finish(experiment: Experiment, spec: RunSpec, result_path: Path, work: Path, evals: list[dict],
             accounting: dict, start: float, teacher_path: str) -> dict:
     result = {"arm": spec.arm, "seed": spec.seed, "lr": spec.lr, "evals": evals, "accounting": dict(accounting),
-              "wall_s": time.perf_counter() - start, "teacher": teacher_path, "code_version": code_version()}
+              "wall_s": time.perf_counter() - start, "teacher": teacher_path,
+              "teacher_sha256": teacher_digest(teacher_path), "code_version": code_version()}
     _atomic_json(result_path, result)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the result is written; keep only `final/`
     return result
@@ -572,7 +606,7 @@ def format_report(summary: dict, exp: ExperimentConfig) -> str:
     metrics = [m for m in REPORT_METRICS if any(m in c for arm in summary["arms"].values() for c in arm.values())]
     head = "| arm | budget | " + " | ".join(metrics) + " |"
     lines = [f"# {summary['experiment']}", "", f"code {summary['code_version']}; "
-             f"{len(summary['runs'])} runs; wall time {(summary.get('wall_s') or 0) / 60:.1f} min (this invocation)", "",
+             f"{len(summary['runs'])} runs; teacher weights {', '.join(summary.get('teacher_sha256', ['not recorded']))}; wall time {(summary.get('wall_s') or 0) / 60:.1f} min (this invocation)", "",
              head, "|" + " --- |" * (len(metrics) + 2)]
     ref = summary["reference"]
     for name in ("teacher", "before"):

@@ -42,19 +42,24 @@ def teacher_dir(pcfg: PretrainConfig, dcfg: DataConfig) -> Path:
 
 
 def weights_digest(model_dir: str | Path) -> str:
-    """sha256 (first 12 hex digits) of a checkpoint's tensors: names, dtypes, shapes and bytes, in name order.
+    """sha256 (first 12 hex digits) of a checkpoint's tensors: names, dtypes, shapes and bytes, in name order
+    (file by file for a sharded checkpoint).
 
     Unlike the file's hash it does not depend on how the safetensors header was written, so two teachers
     have the same digest exactly when they have the same weights.
     """
     from safetensors import safe_open
 
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors file to take a weights digest of")
     h = hashlib.sha256()
-    with safe_open(str(Path(model_dir) / "model.safetensors"), framework="pt") as f:
-        for name in sorted(f.keys()):
-            t = f.get_tensor(name).contiguous()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name).contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:12]
 
 

@@ -116,6 +116,7 @@ def test_lr_grid_names_the_other_seeds_once_chosen_and_summarises_the_chosen_rat
     cell = summary["arms"]["opdlm"]["2000"]["task_acc_static"]
     assert cell["n"] == 2 and cell["mean"] == pytest.approx(0.35)  # only the chosen rate's two seeds
     assert not summary["complete"] and len(summary["runs"]) == 5
+    assert summary["teacher_sha256"] == ["not recorded"]  # these runs predate the digest
     assert (tmp_path / exp.name / "lr_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -178,6 +179,43 @@ def test_set_replaces_experiment_fields_and_rejects_typos():
         load_experiment_config(CONFIG, settings=["seeds=[2]"])
     with pytest.raises(ConfigError, match="positional arguments"):
         load_experiment_config(CONFIG, settings=["overrides=[train.lr=1]"])
+
+
+def test_resuming_on_another_teacher_is_refused_before_any_run(tmp_path):
+    """A micro teacher pretrained on another CPU is another model under the same cache path: results made
+    with one teacher take no runs on another. The digest is that of the weights, so one changed value is
+    enough to tell them apart."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ar2dlm_ray.config import StartupError
+    from ar2dlm_ray.experiment import teacher_digest
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")  # enough for the config's check; no model is loaded
+    save_file({"w": torch.zeros(4)}, str(teacher / "model.safetensors"))
+    original = teacher_digest(str(teacher))
+    save_file({"w": torch.tensor([0.0, 0.0, 0.0, 1e-7])}, str(teacher / "model.safetensors"))
+    current = teacher_digest(str(teacher))
+    assert original != current and teacher_digest("Qwen/Qwen3-0.6B") is None  # a hub id is not checked
+
+    exp = load_experiment_config(CONFIG, [f"model.teacher={teacher}"]).model_copy(update={"results_dir": str(tmp_path)})
+    e = Experiment(exp, log=lambda *a: None)
+    (e.out / "runs").mkdir(parents=True)
+    (e.out / "reference.json").write_text(json.dumps({"teacher": {}, "before": {}, "teacher_sha256": original}))
+    with pytest.raises(StartupError, match=f"digest is {original}, but .* has {current}: adding runs would mix"):
+        e.run()
+    assert list((e.out / "runs").iterdir()) == [] and not e.work.exists()
+    (e.out / "reference.json").write_text(json.dumps({"teacher": {}, "before": {}, "teacher_sha256": current}))
+    (e.out / "runs" / "sft-lr6.25e-05-s0.json").write_text(json.dumps({**_grid_run("sft", 6.25e-5, 0, [0.5]),
+                                                                      "teacher_sha256": original}))
+    with pytest.raises(StartupError, match=f"digest is {original}"):  # a finished run's record counts too
+        e.run()
+    (e.out / "runs" / "sft-lr6.25e-05-s0.json").write_text(json.dumps(_grid_run("sft", 6.25e-5, 0, [0.5])))
+    logged = []
+    e.log = logged.append
+    assert e.check_teacher(str(teacher)) == current and "predate teacher digests" in logged[0]
 
 
 @pytest.mark.slow
