@@ -11,6 +11,7 @@ checkpoint, and only when the config has not changed what is trained (or the cha
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -105,6 +106,14 @@ class RunStorage:
     def previous(self, metrics_file: str) -> list[str]:
         """The entries of a previous run (none for an empty or missing run directory)."""
         return [name for name in (metrics_file, *RUN_ENTRIES) if self.exists(name)]
+
+    def check_writable(self) -> None:
+        """Write and delete a small file at the URI (OSError when the bucket is missing or read-only)."""
+        probe = self._remote(".ar2dlm-write-check")
+        self.fs.create_dir(self.root, recursive=True)
+        with self.fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        self.fs.delete_file(probe)
 
     def remove(self, rel: str) -> None:
         """Remove a file or directory of the run (with a URI: there and in the staging directory)."""
@@ -224,9 +233,11 @@ def local_dir(where: str) -> Iterator[Path]:
 
 
 # ---- the run directory ------------------------------------------------------------------------------------
-def check_run_dir(out_dir: str | Path, metrics_file: str, resume: bool, overwrite: bool) -> None:
-    """Refuse, before any work, a storage URI that cannot be opened, a fresh run over a previous one,
-    contradictory flags, and (in a job submitted with `ray job submit`) a relative out_dir."""
+def check_run_dir(out_dir: str | Path, metrics_file: str, resume: bool, overwrite: bool,
+                  timeout_s: float = 30.0) -> None:
+    """Refuse, before any work, a storage URI that cannot be opened or written (or does not answer within
+    `timeout_s`), a fresh run over a previous one, --resume with nothing to resume, contradictory flags, and
+    (in a job submitted with `ray job submit`) a relative out_dir."""
     run = RunStorage(out_dir)
     if run.uri is None and not run.local.is_absolute() and os.environ.get(JOB_ENV_VAR):
         raise ConfigError(f"train.out_dir {str(out_dir)!r} is relative: in a job submitted with `ray job submit` it "
@@ -236,12 +247,42 @@ def check_run_dir(out_dir: str | Path, metrics_file: str, resume: bool, overwrit
     if resume and overwrite:
         raise ConfigError("--resume continues the run in train.out_dir and --overwrite replaces it; give one of them")
     try:
-        found = run.previous(metrics_file)
-    except OSError as exc:  # e.g. no credentials, or no access to the bucket
-        raise ConfigError(f"train.out_dir {run.uri!r} cannot be read: {_first_line(exc)}") from None
+        found = _within(timeout_s, run, lambda: run.previous(metrics_file))
+        if run.uri is not None:
+            _within(timeout_s, run, run.check_writable)
+    except OSError as exc:  # e.g. no credentials, no such bucket, or no access to it
+        raise ConfigError(f"train.out_dir {run.uri!r} cannot be used: {_first_line(exc)}") from None
+    if resume and "checkpoints" not in found:  # before any model loads or Ray starts
+        raise ConfigError(f"--resume: {run} holds no checkpoints to continue from"
+                          f"{' (it holds ' + ', '.join(found) + ')' if found else ''}; check train.out_dir, or start "
+                          f"without --resume")
     if found and not (resume or overwrite):
         raise ConfigError(f"{run} holds a previous run ({', '.join(found)}); pass --resume to continue it or "
                           "--overwrite to replace it, or choose another train.out_dir")
+
+
+def _within(timeout_s: float, run: "RunStorage", call: Callable):
+    """`call()`, or a one-line ConfigError when it has not answered within `timeout_s` (pyarrow waits
+    without end on a gs:// bucket it cannot reach); the call is left to finish on a daemon thread."""
+    if run.uri is None:
+        return call()
+    answer: dict = {}
+
+    def work():
+        try:
+            answer["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            answer["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True, name="storage-check")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ConfigError(f"train.out_dir {run.uri!r} did not answer within {timeout_s:g}s (ray.connect_timeout_s): "
+                          f"check the bucket's name, the network and the credentials")
+    if "error" in answer:
+        raise answer["error"]
+    return answer.get("value")
 
 
 def checkpoint_due(step: int, total: int, every: int) -> bool:
@@ -297,7 +338,7 @@ def prepare_run_dir(run: RunStorage, cfg: RunConfig, resume: bool, overwrite: bo
         check_resume_config(state["config"], dump_config(cfg), allow_change,
                             run.location(f"checkpoints/{ckpt.name}"))
         run.fetch(metrics_file)
-        trim_metrics(run.local / metrics_file, state["step"])
+        trim_metrics(run.local / metrics_file, state["step"], log)
         run.persist(metrics_file)
     run.local.mkdir(parents=True, exist_ok=True)
     (run.local / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
@@ -305,11 +346,31 @@ def prepare_run_dir(run: RunStorage, cfg: RunConfig, resume: bool, overwrite: bo
     return run.local / metrics_file, resumed
 
 
-def trim_metrics(metrics_path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint: that work will be redone."""
-    if metrics_path.exists():
-        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        metrics_path.write_text("".join(k + "\n" for k in kept))
+def trim_metrics(metrics_path: Path, step: int, log: Callable = print) -> None:
+    """Drop metric lines written after the checkpoint: that work will be redone. A damaged line (what a crash
+    mid-write or a full disk leaves: cut short, or not a record of a step) is dropped too, with a log line."""
+    if not metrics_path.exists():
+        return
+    kept, damaged = [], []
+    for number, line in enumerate(metrics_path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            at = record["step"]
+            if not isinstance(at, int) or isinstance(at, bool):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            damaged.append(number)
+            continue
+        if at <= step:
+            kept.append(line)
+    if damaged:
+        log(f"[train] {metrics_path}: dropped {len(damaged)} damaged line(s) (line {', '.join(map(str, damaged))}: "
+            f"cut short or without a step); the rest is kept")
+    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, metrics_path)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -344,8 +405,14 @@ def write_checkpoint(root: Path, step: int, save_student: Callable[[Path], objec
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(aside, ignore_errors=True)
     tmp.mkdir()
-    save_student(tmp / "student")
-    torch.save(state, tmp / "trainer_state.pt")
+    try:
+        save_student(tmp / "student")
+        torch.save(state, tmp / "trainer_state.pt")
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a partial checkpoint
+        if disk_full(exc):
+            raise _full_disk(root, name, state) from None
+        raise
     final = root / name
     if final.exists():  # the same step again (the experiment runner checkpoints after evaluating)
         os.replace(final, aside)
@@ -357,6 +424,48 @@ def write_checkpoint(root: Path, step: int, save_student: Callable[[Path], objec
     for path in _pruned(checkpoint_steps(root), step, keep):
         shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps: a Ray task error's cause) is a write that found no space or quota left.
+    torch.save reports it as a RuntimeError from its zip writer ("unexpected pos"), not as an OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(sign in str(exc) for sign in ("No space left on device", "Disk quota exceeded", "unexpected pos")):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return False
+
+
+def _full_disk(root: Path, name: str, state: dict) -> RunError:
+    """The one line for a checkpoint that found the disk full: where, how much it needs, what still resumes."""
+    previous = list(checkpoint_steps(root).values())
+    if previous:
+        needed, basis = _bytes_under(previous[-1]), f"the size of {previous[-1].name}"
+    else:
+        needed, basis = _tensor_bytes(state), "its trainer state alone, without the student"
+    free = shutil.disk_usage(root).free
+    resumes = f"{previous[-1].name} still resumes" if previous else "there is no earlier checkpoint to resume"
+    return RunError(f"no space left on the device of {root} while writing checkpoint {name}: it needs about "
+                    f"{needed / 1e6:,.1f} MB ({basis}) and {free / 1e6:,.1f} MB are free; nothing partial was left and "
+                    f"{resumes}; free space (or move train.out_dir and copy the run there)", resumable=bool(previous))
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _tensor_bytes(tree) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
 
 
 def read_checkpoint(root: Path, log: Callable = print, fetch: Callable[[Path], object] = lambda ckpt: None,

@@ -147,5 +147,5 @@ class LocalTrainer:
 
 def train(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite: bool = False,
           allow_change: tuple[str, ...] = ()) -> dict:
-    check_run_dir(cfg.train.out_dir, cfg.logging.metrics_file, resume, overwrite)  # before any work
+    check_run_dir(cfg.train.out_dir, cfg.logging.metrics_file, resume, overwrite, cfg.ray.connect_timeout_s)  # before work
     return LocalTrainer(cfg, log).run(resume=resume, overwrite=overwrite, allow_change=allow_change)

@@ -36,7 +36,11 @@ def test_a_fresh_run_over_a_previous_one_is_refused(tmp_path, entry):
     message = str(err.value)
     assert str(tmp_path) in message and "--resume" in message and "--overwrite" in message and "\n" not in message
     assert (tmp_path / entry).exists()
-    check_run_dir(tmp_path, "metrics.jsonl", resume=True, overwrite=False)
+    if entry == "checkpoints":
+        check_run_dir(tmp_path, "metrics.jsonl", resume=True, overwrite=False)
+    else:  # nothing to resume: refused before any model loads or Ray starts
+        with pytest.raises(ConfigError, match=f"holds no checkpoints to continue from \\(it holds {entry}\\)"):
+            check_run_dir(tmp_path, "metrics.jsonl", resume=True, overwrite=False)
     check_run_dir(tmp_path, "metrics.jsonl", resume=False, overwrite=True)
 
 
@@ -301,3 +305,86 @@ def test_checkpoints_go_to_the_uri_are_pruned_there_and_resume_falls_back(tmp_pa
     (store / "notes.txt").write_text("x")
     clear_run(uri, "metrics.jsonl")
     assert [p.name for p in store.iterdir()] == ["notes.txt"]
+
+
+# ---- storage that fails fast, a full disk, a damaged metrics log -----------------------------------------
+def test_a_bucket_that_never_answers_is_one_line_within_the_timeout(tmp_path):
+    # With no network, pyarrow's gs:// waits without end for credentials (900 s seen before this check).
+    with pytest.raises(ConfigError) as err:
+        check_run_dir("gs://no-such-bucket-ar2dlm/run", "metrics.jsonl", resume=False, overwrite=False, timeout_s=2)
+    message = str(err.value)
+    assert "gs://no-such-bucket-ar2dlm/run" in message and "\n" not in message
+    assert "did not answer within 2s" in message or "cannot be used" in message, message
+    # A URI whose filesystem cannot be written is refused before work too, not at the first checkpoint.
+    with pytest.raises(ConfigError, match="cannot be used"):
+        check_run_dir("file:///proc/ar2dlm-run", "metrics.jsonl", resume=False, overwrite=False)
+
+
+def test_a_full_disk_leaves_no_partial_checkpoint_and_the_previous_one_resumes(tmp_path, real_state, monkeypatch):
+    from ar2dlm_ray.config import RunError
+
+    student, state = real_state
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root, 1, student.save, {**state, "step": 1}, keep=3)
+    real_save = torch.save
+
+    def disk_full_half_way(obj, path, *args, **kwargs):  # the fault: what torch's zip writer raised on a full disk
+        Path(path).write_bytes(b"PK\x03\x04 half a file")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1664 vs 1562")
+
+    monkeypatch.setattr(torch, "save", disk_full_half_way)
+    with pytest.raises(RunError) as err:
+        write_checkpoint(root, 2, student.save, {**state, "step": 2}, keep=3)
+    message = str(err.value)
+    assert str(root) in message and "no space left" in message and "step_0000001 still resumes" in message
+    assert " MB (the size of step_0000001)" in message and "\n" not in message and err.value.resumable
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step_0000001"]  # no .tmp-step_0000002
+    ckpt, resumed = read_checkpoint(root, log=lambda *a: None)
+    assert ckpt.name == "step_0000001" and resumed["step"] == 1
+    # With no checkpoint before it, the line says there is nothing to resume (and no --resume hint follows).
+    with pytest.raises(RunError, match="no earlier checkpoint") as err:
+        write_checkpoint(tmp_path / "fresh", 1, student.save, {**state, "step": 1}, keep=3)
+    assert not err.value.resumable and not list((tmp_path / "fresh").iterdir())
+    monkeypatch.setattr(torch, "save", real_save)
+
+    def other_fault(path):
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):  # other faults stay what they are
+        write_checkpoint(root, 3, other_fault, state, keep=3)
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step_0000001"]
+
+
+def test_a_damaged_metrics_tail_is_dropped_on_resume_with_a_log_line(tmp_path):
+    from ar2dlm_ray.runs import trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    path.write_text("\n".join([good[0], '{"loss": 0.5}', good[1], good[2], '{"step": 4, "lo']))
+    logged = []
+    trim_metrics(path, 2, logged.append)
+    assert path.read_text() == good[0] + "\n" + good[1] + "\n"  # step 3 is after the checkpoint: redone
+    assert len(logged) == 1 and "dropped 2 damaged line(s) (line 2, 5" in logged[0]
+    trim_metrics(path, 2, logged.append)  # a clean log: nothing to say
+    assert len(logged) == 1
+
+
+def test_resume_with_nothing_to_resume_fails_before_ray_or_models(capsys, tmp_path, micro_teacher, monkeypatch):
+    import ray
+
+    import ar2dlm_ray.student
+    from ar2dlm_ray import cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the run directory was checked")
+
+    monkeypatch.setattr(ar2dlm_ray.student, "load_causal_lm", no_load)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "micro.yaml")
+    (tmp_path / "metrics.jsonl").write_text("")  # a run that died before its first checkpoint
+    for mode in ("local", "ray"):
+        code = cli.main(["train", "--config", config, "--resume", f"mode={mode}", f"train.out_dir={tmp_path}",
+                         f"model.teacher={micro_teacher}"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0, err
+        assert f"{tmp_path} holds no checkpoints to continue from (it holds metrics.jsonl)" in err, err
+        assert not ray.is_initialized()
