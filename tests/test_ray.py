@@ -237,7 +237,7 @@ def test_dead_learner_stops_with_one_line_and_resume_is_exact(micro_teacher, tmp
 
     trainer._record = record_then_kill
     try:
-        with pytest.raises(RunError, match="learner-0 died at step 4") as err:
+        with pytest.raises(RunError, match="learner-0 failed at step 4") as err:
             trainer.run()
     finally:
         trainer.close()

@@ -43,7 +43,8 @@ def _setup_process(threads: int) -> None:
 
 
 def _where() -> dict:
-    return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    ctx = ray.get_runtime_context()
+    return {"name": ctx.get_actor_name(), "node_id": ctx.get_node_id(), "pid": os.getpid()}
 
 
 class TeacherServer:

@@ -116,9 +116,9 @@ class _QueueActor:
 class BatchQueue:
     """A named queue actor (started here) and the client calls on it."""
 
-    def __init__(self, maxsize: int, name: str, actor=None):
+    def __init__(self, maxsize: int, name: str, actor=None, options: dict | None = None):
         self.name = name
-        self.actor = actor or ray.remote(_QueueActor).options(name=name, num_cpus=0).remote(maxsize)
+        self.actor = actor or ray.remote(_QueueActor).options(name=name, num_cpus=0, **(options or {})).remote(maxsize)
 
     def __reduce__(self):
         return _lookup, (self.name,)

@@ -31,6 +31,16 @@ class DeliveryLedger:
         self.fate[batch] = outcome
         return True
 
+    def snapshot(self, below: int) -> dict:
+        """The fates of batch ids below `below` (those a checkpoint covers; a resume redoes the rest), for
+        `restore` on resume."""
+        return {"fate": {b: o for b, o in self.fate.items() if b < below},
+                "discarded": {b: n for b, n in self.discarded.items() if b < below}}
+
+    def restore(self, snapshot: dict) -> None:
+        self.fate.update(snapshot.get("fate", {}))
+        self.discarded.update(snapshot.get("discarded", {}))
+
     def summary(self) -> dict:
         """Deliveries consumed = trained + dropped + discarded, with the ids behind each count."""
         trained = sorted(b for b, o in self.fate.items() if o == "trained")

@@ -39,6 +39,7 @@ from .controller import CONTROLLER_NAME, PoolController
 from .delivery import LEDGER_NAME, DeliveryLedger
 from .messages import ACCOUNTED
 from .metrics import Metrics
+from .nodes import NodeWatch, absolute_out_dir, bundle_nodes, check_visible, on_driver_node, settle
 from .placement import reserve
 from .producers import POLL_S, Producers
 from .weights import REGISTRY_NAME, WeightRegistry
@@ -108,11 +109,14 @@ class Roles:
 
 class RayTrainer:
     def __init__(self, cfg: RunConfig, log: Callable = print, roles: Roles = Roles()):
-        self.cfg, self.log, self.roles = cfg, log, roles
         embedded = connect(cfg, log)
+        cfg = absolute_out_dir(cfg, log)  # one run directory for the driver and every actor
+        self.cfg, self.log, self.roles = cfg, log, roles
+        self.nodes = NodeWatch()
         self.reservation = reserve(cfg, embedded, log)  # before any actor starts; released by close()
         self.producers: Producers | None = None
         try:
+            check_visible(cfg.train.out_dir, bundle_nodes(self.reservation.groups["learner"]), "the learners")
             self._start_pools(cfg)
         except BaseException:
             self.reservation.release()  # also ends the pool actors that did start
@@ -125,15 +129,17 @@ class RayTrainer:
         self.teacher_path = self.roles.teacher_path(cfg, self.log)
         self.recipe = RECIPES[cfg.train.recipe]
         self.metrics = Metrics("driver", run_name(cfg), actor="driver")
-        # Everything is named (dashboard, `ray.get_actor`); the pools die with the job.
-        self.registry = ray.remote(WeightRegistry).options(name=REGISTRY_NAME, num_cpus=0).remote()
-        self.ledger = ray.remote(DeliveryLedger).options(name=LEDGER_NAME, num_cpus=0).remote()
+        # Everything is named (dashboard, `ray.get_actor`); the pools die with the job. What every step needs
+        # lives on the driver's node, so that losing another node never takes it.
+        here = on_driver_node()
+        self.registry = ray.remote(WeightRegistry).options(name=REGISTRY_NAME, num_cpus=0, **here).remote()
+        self.ledger = ray.remote(DeliveryLedger).options(name=LEDGER_NAME, num_cpus=0, **here).remote()
         # Admission bounds the batches in flight (they grow with the pools), so the queues need no bound of their own.
-        self.queue = BatchQueue(UNBOUNDED, QUEUE_NAME)
-        self.score_queue = BatchQueue(UNBOUNDED, SCORE_QUEUE_NAME)
+        self.queue = BatchQueue(UNBOUNDED, QUEUE_NAME, options=here)
+        self.score_queue = BatchQueue(UNBOUNDED, SCORE_QUEUE_NAME, options=here)
         fixed = {"rollout": "learner.transport=collective broadcasts to a group fixed at start; use object_store "
                             "to resize it"} if cfg.learner.transport == "collective" else {}
-        self.controller = ray.remote(PoolController).options(name=CONTROLLER_NAME, num_cpus=0).remote(fixed)
+        self.controller = ray.remote(PoolController).options(name=CONTROLLER_NAME, num_cpus=0, **here).remote(fixed)
         self.accounting = {k: 0 for k in ACCOUNTING_KEYS}
         self.producers = Producers(cfg, self.log, self.recipe, {"teacher": self._start_teacher,
                                                                 "rollout": self._start_rollout},
@@ -203,7 +209,9 @@ class RayTrainer:
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             self.admission.step_started()
-            results = self._step_all()
+            with self.nodes.explaining(self.placement):
+                results = self._step_all()
+            self.nodes.report_new(self.placement, self.log)
             now = time.perf_counter()
             record = self._record(results, now - t0)
             max_batch = max([max_batch] + [r["produced"].batch for r in results])
@@ -219,7 +227,9 @@ class RayTrainer:
                                        f"scoring {record['score_backlog']} pools {pools} "
                                        f"tokens {self.accounting['tokens_trained']} {record['step_s']:.1f}s"))
             if checkpoint_due(self.step, self.total_steps, cfg.train.checkpoint_every) or stop.requested:
-                ckpt = self.checkpoint(max_batch + 1)
+                with self.nodes.explaining(self.placement, self.learners[0], f"learner-0 failed writing the checkpoint "
+                                           f"of step {self.step}; the checkpoints before it are intact"):
+                    ckpt = self.checkpoint(max_batch + 1)
                 if stop.requested:
                     raise stop.stopped(self.step, ckpt)
         stop.restore()
@@ -279,7 +289,8 @@ class RayTrainer:
                 try:
                     res = ray.get(ref)
                 except RayActorError as exc:
-                    raise RunError(f"learner-{rank} died at step {self.step + 1} ({type(exc).__name__}); the learner "
+                    settle(self.learners[rank])  # if its node is lost, Ray says so before the run does
+                    raise RunError(f"learner-{rank} failed at step {self.step + 1} ({type(exc).__name__}); the learner "
                                    "group cannot continue without it. The checkpoints in "
                                    f"{self.run_dir.location('checkpoints')} are intact", resumable=True) from None
                 for key in ("dropped_stale", "discarded_duplicates", "regenerated", "retried"):
@@ -331,7 +342,8 @@ class RayTrainer:
     # ---- checkpoints (the local trainer's format) ---------------------------------------------------
     def checkpoint(self, next_batch: int) -> str:
         state = {"step": self.step, "next_batch": next_batch, **ray.get(self.learners[0].state.remote()),
-                 "rng": torch.get_rng_state(), "accounting": dict(self.accounting), "config": dump_config(self.cfg)}
+                 "rng": torch.get_rng_state(), "accounting": dict(self.accounting), "config": dump_config(self.cfg),
+                 "delivery": ray.get(self.ledger.snapshot.remote(next_batch))}
         self.run_dir.persist(self.cfg.logging.metrics_file, "tensorboard")  # with a storage URI: the metrics up to here
         # Learner rank 0 writes the student on its own node: to the URI itself, or to a path every node mounts.
         return self.run_dir.write_checkpoint(self.step, lambda where: ray.get(self.learners[0].save.remote(where)),
@@ -343,6 +355,7 @@ class RayTrainer:
         ray.get([lw.load.remote(student, state) for lw in self.learners])
         self.step, self.start_batch = state["step"], state["next_batch"]
         self.accounting.update(state["accounting"])
+        ray.get(self.ledger.restore.remote(state.get("delivery", {})))  # summary.json counts the whole run
         self.log(f"[train] resumed from {ckpt.name}: step {self.step}, next rollout batch {self.start_batch}")
 
 
