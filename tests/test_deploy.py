@@ -273,3 +273,15 @@ def test_shipped_cluster_files_keep_token_authentication_on():
     assert auth["mode"] == "token" and auth["secretName"] in (ROOT / "deploy" / "rayjob.yaml").read_text()
     for path in (p for p in (ROOT / "deploy").rglob("*") if p.is_file()):
         assert "RAY_AUTH_MODE=disabled" not in path.read_text() and "value: disabled" not in path.read_text(), path
+
+
+def test_images_run_as_a_user_not_root():
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        lines = (ROOT / "docker" / name).read_text().splitlines()
+        users = [i for i, line in enumerate(lines) if line.startswith("USER ")]
+        assert users, f"{name} sets no USER: its processes run as root"
+        last = users[-1]
+        assert lines[last].split()[1] not in ("root", "0"), name
+        # Nothing after the switch runs as root again (a later RUN would need it; CMD comes after).
+        assert not [line for line in lines[last:] if line.startswith(("RUN ", "USER root"))], name
+        assert any(line.startswith("RUN useradd") for line in lines[:last]), name
