@@ -163,6 +163,13 @@ class TrainConfig(_Strict):
                                                         "step per minibatch)")
     master_weights: bool = Field(True, description="bfloat16/float16 models: AdamW updates float32 master weights; "
                                                    "false updates the low-precision weights directly (pure bf16)")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in the "
+                                                              "backward pass instead of keeping them (same gradients, "
+                                                              "about a third more compute)")
+    loss_chunk_tokens: int = Field(1024, ge=0, description="the loss is computed over chunks of this many supervised "
+                                                           "positions, each recomputed in the backward pass, so no "
+                                                           "float32 [positions, vocab] tensor is larger than a chunk; "
+                                                           "0: all positions at once")
     max_steps: int | None = Field(None, gt=0, description="stop after this many training steps (rollout batches "
                                                           "per learner)")
     seed: int = Field(0, ge=0, le=SEED_MAX)
