@@ -113,3 +113,51 @@ def test_a_run_directory_the_learner_node_cannot_see_is_refused(micro_teacher, t
     while ray.available_resources().get("CPU") != free and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU") == free
+
+
+LISTENERS = """
+import json, os, sys
+import psutil, ray
+from ar2dlm_ray.cluster.driver import connect
+from ar2dlm_ray.config import load_config
+
+lines = []
+connect(load_config("configs/micro.yaml", ["mode=ray", "ray.num_cpus=1"]), lines.append)
+actor = ray.remote(num_cpus=0)(type("Probe", (), {"pid": lambda self: os.getpid()})).remote()
+ray.get(actor.pid.remote())  # an actor's own gRPC server listens too
+found = []
+for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+    try:
+        found += [[proc.name(), c.laddr.ip, c.laddr.port] for c in proc.net_connections("inet")
+                  if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:  # a worker that exited meanwhile
+        pass
+print(json.dumps({"log": lines, "listening": found}))
+"""
+
+
+def test_embedded_ray_listens_on_loopback_only():
+    """Every socket the embedded Ray's processes listen on (GCS, raylet, agents, dashboard, an actor) is on
+    127.0.0.1, as the log line says."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = {name for name, _, _ in out["listening"]}
+    assert {"gcs_server", "raylet"} <= names and len(out["listening"]) >= 5, out
+    exposed = [entry for entry in out["listening"] if entry[1] not in ("127.0.0.1", "::ffff:127.0.0.1")]
+    assert not exposed, exposed
+    assert out["log"][0].startswith("[ray] started an embedded Ray: GCS 127.0.0.1:"), out["log"]
+    assert " listen on 127.0.0.1 only; dashboard on 127.0.0.1:" in out["log"][0] and len(out["log"]) == 1, out["log"]
+
+
+def test_a_dashboard_beyond_loopback_is_warned_about_with_the_token_role():
+    from ar2dlm_ray.cluster.nodes import dashboard_warning
+
+    assert dashboard_warning("127.0.0.1") is None
+    warning = dashboard_warning("0.0.0.0")
+    assert warning.startswith("[ray] warning: ray.dashboard_host=0.0.0.0 opens the dashboard and its job API")
+    assert "guarded only by Ray's token" in warning and "\n" not in warning

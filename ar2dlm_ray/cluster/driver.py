@@ -39,7 +39,8 @@ from .controller import CONTROLLER_NAME, PoolController
 from .delivery import LEDGER_NAME, DeliveryLedger
 from .messages import ACCOUNTED
 from .metrics import Metrics
-from .nodes import NodeWatch, absolute_out_dir, bundle_nodes, check_visible, on_driver_node, settle
+from .nodes import (NodeWatch, absolute_out_dir, bundle_nodes, check_visible, dashboard_warning, loopback_only,
+                    on_driver_node, settle)
 from .placement import reserve
 from .producers import POLL_S, Producers
 from .weights import REGISTRY_NAME, WeightRegistry
@@ -67,11 +68,15 @@ def connect(cfg: RunConfig, log: Callable = print) -> bool:
         return False
     system = {"metrics_report_interval_ms": 1000}
     kwargs = {"_metrics_export_port": cfg.ray.metrics_export_port} if cfg.ray.metrics_export_port else {}
-    ray.init(address="local", namespace=cfg.ray.namespace, num_cpus=cfg.ray.num_cpus,
-             include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
-             _system_config=system, **kwargs)
-    ctx = ray.get_runtime_context()
-    log(f"[ray] started an embedded Ray (dashboard: {getattr(ctx, 'dashboard_url', None) or 'off'})")
+    with loopback_only():
+        info = ray.init(address="local", namespace=cfg.ray.namespace, num_cpus=cfg.ray.num_cpus,
+                        include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
+                        _system_config=system, **kwargs)
+    port = info.dashboard_url.rpartition(":")[2] if info.dashboard_url else None
+    log(f"[ray] started an embedded Ray: GCS {info.address_info['gcs_address']}, raylet, agents and actors listen "
+        f"on 127.0.0.1 only; " + (f"dashboard on {cfg.ray.dashboard_host}:{port}" if port else "no dashboard"))
+    if port and (warning := dashboard_warning(cfg.ray.dashboard_host)):
+        log(warning)
     return True
 
 

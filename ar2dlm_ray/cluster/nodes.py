@@ -40,6 +40,31 @@ def absolute_out_dir(cfg: RunConfig, log: Callable = print) -> RunConfig:
     return resolved
 
 
+@contextmanager
+def loopback_only():
+    """While it is entered, a Ray started here takes 127.0.0.1 as its node address, so that every server it
+    starts (GCS, raylet, agents, each actor's gRPC port) listens on loopback only. Ray otherwise takes the
+    machine's address and many of them listen on all interfaces; its single-machine mode (macOS, Windows)
+    uses loopback, and this switch selects it."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def dashboard_warning(host: str) -> str | None:
+    """The warning for a dashboard that listens beyond this machine (None on loopback)."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (f"[ray] warning: ray.dashboard_host={host} opens the dashboard and its job API (which runs any "
+            "submitted code on this machine) beyond it, guarded only by Ray's token (~/.ray/auth_token; none "
+            "with RAY_AUTH_MODE=disabled); keep 127.0.0.1 and reach it with `ssh -L 8265:127.0.0.1:8265`")
+
+
 def driver_node() -> str:
     return ray.get_runtime_context().get_node_id()
 
