@@ -5,6 +5,7 @@ when training ends, and nothing is rolled out that is not accounted for."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,7 @@ def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro
         out = record(results, step_s)
         if out["step"] == 2:
             answers["refused"] = run("scale", *where, "learner=2")
+            answers["no_room"] = run("scale", *where, "rollout=50")
             answers["up"] = run("scale", *where, "rollout=3", "teacher=2")
             _drive_until(trainer, lambda: _settled(trainer, 3, 2))
         if out["step"] == 6:
@@ -144,6 +146,9 @@ def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro
     assert answers["refused"].returncode == 2 and answers["refused"].stderr.strip().splitlines() == [
         "ar2dlm: error: pool 'learner' cannot be resized (its process group is fixed when the job starts; "
         "resubmit to change it)"]
+    assert answers["no_room"].returncode == 2 and re.fullmatch(
+        r"ar2dlm: error: the cluster cannot place rollout=50 now \(CPU: the new actors need 49, the cluster has free "
+        r"\d+\); add nodes or ask for fewer", answers["no_room"].stderr.strip()), answers["no_room"].stderr
     assert answers["up"].returncode == 0 and "asked for rollout=3 teacher=2" in answers["up"].stdout
     assert "error" not in answers["down"]
     shown = json.loads(answers["show"].stdout[answers["show"].stdout.index("{"):])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ray
 
 from ..config import ConfigError
+from .placement import shortfall
 
 CONTROLLER_NAME = "pools-controller"
 SCALABLE = ("rollout", "teacher")
@@ -43,15 +44,32 @@ def check_request(sizes: dict[str, int], fixed: dict[str, str]) -> list[str]:
     return problems
 
 
+def room_problem(sizes: dict[str, int], state: dict, bundles: dict[str, dict], free: dict[str, float]) -> str | None:
+    """Why the cluster cannot place the actors a resize adds now (None if it can): each pool's growth beyond
+    its reserved spare bundles, times its actors' resources, against the cluster's `free` resources."""
+    demand: dict[str, float] = {}
+    for pool, n in sizes.items():
+        extra = max(0, n - state["sizes"].get(pool, 0) - state.get("spare", {}).get(pool, 0))
+        for key, amount in bundles.get(pool, {}).items():
+            demand[key] = demand.get(key, 0.0) + extra * amount
+    short = shortfall(demand, free, who="the new actors", where="the cluster has free")
+    if not short:
+        return None
+    asked = " ".join(f"{pool}={n}" for pool, n in sizes.items())
+    return f"the cluster cannot place {asked} now ({short}); add nodes or ask for fewer"
+
+
 class PoolController:
-    def __init__(self, fixed: dict[str, str]):
-        self.fixed = fixed
+    def __init__(self, fixed: dict[str, str], bundles: dict[str, dict] | None = None):
+        self.fixed, self.bundles = fixed, bundles or {}
         self.wanted: dict[str, int] = {}
         self.state: dict = {"sizes": {}, "members": {}, "events": []}
 
     def scale(self, sizes: dict[str, int]) -> dict:
         """Ask for new sizes; {'error': ...} when refused, else the pools as last reported."""
         problems = check_request(sizes, self.fixed)
+        if not problems and (room := room_problem(sizes, self.state, self.bundles, ray.available_resources())):
+            problems = [room]
         if problems:
             return {"error": "; ".join(problems)}
         self.wanted.update(sizes)

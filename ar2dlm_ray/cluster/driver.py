@@ -41,7 +41,7 @@ from .messages import ACCOUNTED
 from .metrics import Metrics
 from .nodes import (NodeWatch, absolute_out_dir, bundle_nodes, check_visible, dashboard_warning, loopback_only,
                     on_driver_node, settle)
-from .placement import reserve
+from .placement import bundle, reserve
 from .producers import POLL_S, Producers
 from .weights import REGISTRY_NAME, WeightRegistry
 
@@ -144,7 +144,9 @@ class RayTrainer:
         self.score_queue = BatchQueue(UNBOUNDED, SCORE_QUEUE_NAME, options=here)
         fixed = {"rollout": "learner.transport=collective broadcasts to a group fixed at start; use object_store "
                             "to resize it"} if cfg.learner.transport == "collective" else {}
-        self.controller = ray.remote(PoolController).options(name=CONTROLLER_NAME, num_cpus=0, **here).remote(fixed)
+        bundles = {"rollout": bundle(cfg.rollout), "teacher": bundle(cfg.teacher.pool)}
+        self.controller = ray.remote(PoolController).options(name=CONTROLLER_NAME, num_cpus=0, **here).remote(
+            fixed, bundles)
         self.accounting = {k: 0 for k in ACCOUNTING_KEYS}
         self.producers = Producers(cfg, self.log, self.recipe, {"teacher": self._start_teacher,
                                                                 "rollout": self._start_rollout},

@@ -62,7 +62,7 @@ def dashboard_warning(host: str) -> str | None:
         return None
     return (f"[ray] warning: ray.dashboard_host={host} opens the dashboard and its job API (which runs any "
             "submitted code on this machine) beyond it, guarded only by Ray's token (~/.ray/auth_token; none "
-            "with RAY_AUTH_MODE=disabled); keep 127.0.0.1 and reach it with `ssh -L 8265:127.0.0.1:8265`")
+            "with RAY_AUTH_MODE=disabled); keep 127.0.0.1 and reach it through an SSH tunnel")
 
 
 def driver_node() -> str:

@@ -42,9 +42,9 @@ def pool_demand(cfg: RunConfig) -> dict[str, float]:
     return demand
 
 
-def shortfall(demand: dict[str, float], have: dict[str, float]) -> str:
+def shortfall(demand: dict[str, float], have: dict[str, float], who: str = "pools", where: str = "cluster has") -> str:
     """'CPU: pools need 14, cluster has 8; GPU: ...' for every resource the cluster lacks ('' if none)."""
-    return "; ".join(f"{k}: pools need {need:g}, cluster has {have.get(k, 0.0):g}"
+    return "; ".join(f"{k}: {who} need {need:g}, {where} {have.get(k, 0.0):g}"
                      for k, need in sorted(demand.items()) if need > have.get(k, 0.0) + 1e-9)
 
 
@@ -79,6 +79,12 @@ class Reservation:
                                     bundle_label_selector=[dict(pool.labels)] if pool.labels else None)
         self.held[name] = (pool_name, free[0] if free else 0, group)
         return self.held[name][2], self.held[name][1]
+
+    def spare(self, pool_name: str) -> int:
+        """Bundles of the pool's reservation that no actor holds (freed by actors scaled away)."""
+        group = self.groups.get(pool_name)
+        taken = sum(1 for p, _, g in self.held.values() if p == pool_name and g == group)
+        return self.sizes[pool_name] - taken if group is not None else 0
 
     def release_actor(self, name: str) -> None:
         """The actor is gone: its bundle is free again (its own group, if it had one, is removed)."""

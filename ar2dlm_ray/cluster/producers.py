@@ -265,7 +265,8 @@ class Producers:
         for kind, n in sizes.items():
             Metrics(kind, run_name(self.cfg), actor="driver").set("pool_size", n)
         members = {k: [m.name for m in p.members.values() if m.state == "active"] for k, p in self.pools.items()}
-        self.controller.report.remote({"sizes": sizes, "members": members, "events": self.events[-20:]})
+        spare = {k: self.reservation.spare(k) for k in self.pools}
+        self.controller.report.remote({"sizes": sizes, "members": members, "events": self.events[-20:], "spare": spare})
 
     # ---- what the pools did -----------------------------------------------------------------------
     def step_done(self, step_s: float, train_s: float, score_backlog: int) -> dict[str, float]:
