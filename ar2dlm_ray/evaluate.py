@@ -19,6 +19,8 @@ from .states import Rollout, build_batch, rollouts_from_sample
 from .student import Student
 from .teacher import HFTeacher
 
+LOSS_CHUNK = 1024  # positions per chunk of the loss (losses.objective): evaluation never holds more in float32
+
 
 def distinct_n(sequences: list[list[int]], n: int = 2) -> float:
     """Unique n-grams / all n-grams over the generations (1.0: no repetition at all)."""
@@ -71,8 +73,8 @@ def heldout_nelbo(student: Student, chunks: list[list[int]], samples: int, seed:
         for lo in range(0, len(rollouts), batch_size):
             batch = build_batch(rollouts[lo:lo + batch_size], student.spec, tok.pad_token_id, states="random",
                                 supervise_eos=True, generator=gen).to(student.device)
-            logits, _ = student.forward(batch.input_ids, batch.positions, batch.allowed)
-            values.append(float(objective(logits, batch, student.spec.teacher_vocab_size)))
+            values.append(float(objective(student.supervised_logits(batch), batch, student.spec.teacher_vocab_size,
+                                          chunk_tokens=LOSS_CHUNK)))
     return sum(values) / len(values)
 
 
@@ -91,8 +93,8 @@ def on_policy_kl(student: Student, teacher, prompts: list[list[int]], cfg: Sampl
     batch = build_batch(rollouts, student.spec, tok.pad_token_id, states="trajectory", eos_ids=eos,
                         supervise_eos=supervise_eos, targets=targets,
                         generator=torch.Generator().manual_seed(seed)).to(student.device)
-    logits, _ = student.forward(batch.input_ids, batch.positions, batch.allowed)
-    return float(objective(logits, batch, student.spec.teacher_vocab_size, tail=tail))
+    return float(objective(student.supervised_logits(batch), batch, student.spec.teacher_vocab_size, tail=tail,
+                           chunk_tokens=LOSS_CHUNK))
 
 
 def judge_teacher(cfg: RunConfig, teacher_path: str, backend=None) -> HFTeacher:

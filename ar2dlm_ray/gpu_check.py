@@ -196,8 +196,8 @@ def learner_step(check: Check, batch, optimizer) -> float:
     optimizer.zero_grad(set_to_none=True)
     # fp32 master weights and AdamW state; bf16 compute where the check runs in bf16.
     with torch.autocast(check.device.type, dtype=check.dtype, enabled=check.dtype != torch.float32):
-        logits, _ = check.student.forward(batch.input_ids, batch.positions, batch.allowed)
-    loss = objective(logits, batch, check.student.spec.teacher_vocab_size)
+        logits = check.student.supervised_logits(batch)
+    loss = objective(logits, batch, check.student.spec.teacher_vocab_size, chunk_tokens=1024)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

@@ -42,6 +42,8 @@ class Learner:
         self.minibatches_per_pass = t.rollout_batch_size // (t.minibatch_size or t.rollout_batch_size)
         self.optimizer_steps_per_step = t.updates_per_batch * self.minibatches_per_pass
         self.params = [p for p in student.model.parameters() if p.requires_grad]
+        if t.activation_checkpointing:  # active in train mode only: sampling and evaluation keep their speed
+            student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.master = None
         if student.dtype != torch.float32 and t.master_weights:
             self.master = [p.detach().float().clone() for p in self.params]
@@ -84,9 +86,9 @@ class Learner:
                                 targets=targets[lo:lo + len(chunk)] if targets is not None else None,
                                 generator=gen).to(self.student.device)
             supervised += batch.stats["supervised"]
-            logits, _ = self.student.forward(batch.input_ids, batch.positions, batch.allowed)
-            loss = objective(logits, batch, self.student.spec.teacher_vocab_size, cfg.train.divergence,
-                             cfg.train.jsd_beta, cfg.teacher.tail) * (len(chunk) / total)
+            loss = objective(self.student.supervised_logits(batch), batch, self.student.spec.teacher_vocab_size,
+                             cfg.train.divergence, cfg.train.jsd_beta, cfg.teacher.tail,
+                             cfg.train.loss_chunk_tokens) * (len(chunk) / total)
             loss.backward()
             loss_sum += loss.item()
         if self.grad_hook is not None:
@@ -101,6 +103,8 @@ class Learner:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
+        for m in stepped:  # float32 gradients (4 bytes a parameter) must not live on into the next forward
+            m.grad = None
         if self.master is not None:
             self._copy_master_to_model()
         return {"loss": loss_sum, "grad_norm": float(grad_norm), "lr": lr, "supervised_tokens": supervised}

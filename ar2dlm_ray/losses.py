@@ -8,6 +8,7 @@ mass, so that the truncated divergence is still a divergence between two distrib
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 # Floor of a tail bin's log-mass (an empty tail, k = V): far below anything that moves the loss, and finite.
 _LOG_FLOOR = -69.0  # log(1e-30)
@@ -94,18 +95,45 @@ def per_rollout_mean(values: torch.Tensor, rollout: torch.Tensor, n_rollouts: in
     return (sums[has] / denominators[has].to(values.dtype)).mean()
 
 
-def objective(logits: torch.Tensor, batch, vocab: int, kind: str = "forward_kl", beta: float = 0.5,
-              tail: bool = True) -> torch.Tensor:
-    """The training loss of a TrainBatch from the student's logits over it ([b, P + 2L, V]).
+def objective(picked: torch.Tensor, batch, vocab: int, kind: str = "forward_kl", beta: float = 0.5,
+              tail: bool = True, chunk_tokens: int = 0) -> torch.Tensor:
+    """The training loss of a TrainBatch from the student's logits at its supervised positions ([N, V],
+    `Student.supervised_logits`; `pick` takes them from full logits).
 
     Distillation batches: mean divergence over each rollout's supervised (masked) positions, then mean
     over rollouts (weight 1). Hard-label batches: sum of (1/t)-weighted cross-entropy over the masked
     positions divided by the rollout's supervised length, then mean over rollouts (the block-diffusion
     NELBO per token).
+
+    `chunk_tokens`: positions are taken that many at a time, each chunk recomputed in the backward pass,
+    so that no float32 [positions, vocab] tensor (the upcast, log-softmax, the tail's scatter) is larger
+    than a chunk. Every position's loss is computed alone, so chunking changes no number.
     """
-    picked = logits.reshape(-1, logits.shape[-1])[batch.pred_index]
     if batch.teacher_logp is not None:
-        per_token = token_divergence(picked, batch.teacher_logp, batch.teacher_ids, vocab, kind, beta, tail)
+        def per_token(lo: int, hi: int) -> torch.Tensor:
+            ids = None if batch.teacher_ids is None else batch.teacher_ids[lo:hi]
+            return token_divergence(picked[lo:hi], batch.teacher_logp[lo:hi], ids, vocab, kind, beta, tail)
     else:
-        per_token = hard_label_nll(picked, batch.targets, vocab) * batch.weights
-    return per_rollout_mean(per_token, batch.rollout, batch.input_ids.shape[0], batch.denominators)
+        def per_token(lo: int, hi: int) -> torch.Tensor:
+            return hard_label_nll(picked[lo:hi], batch.targets[lo:hi], vocab) * batch.weights[lo:hi]
+    values = _in_chunks(per_token, picked.shape[0], chunk_tokens, picked.requires_grad and torch.is_grad_enabled())
+    return per_rollout_mean(values, batch.rollout, batch.input_ids.shape[0], batch.denominators)
+
+
+def _in_chunks(per_token, n: int, chunk: int, recompute: bool) -> torch.Tensor:
+    if not chunk or n <= chunk:
+        return per_token(0, n)
+    parts = []
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        # Non-reentrant checkpointing keeps only the chunk's inputs; its float32 temporaries are rebuilt in
+        # the backward pass one chunk at a time.
+        parts.append(torch.utils.checkpoint.checkpoint(per_token, lo, hi, use_reentrant=False) if recompute
+                     else per_token(lo, hi))
+    return torch.cat(parts)
+
+
+def pick(logits: torch.Tensor, batch) -> torch.Tensor:
+    """The supervised positions' rows of full logits [b, P + 2L, V]: what `Student.supervised_logits` computes
+    without the rest."""
+    return logits.reshape(-1, logits.shape[-1])[batch.pred_index]

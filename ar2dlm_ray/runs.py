@@ -41,7 +41,7 @@ RUN_ENTRIES = ("checkpoints", "summary.json", "final")
 SAFE_CHANGES = ("train.max_steps", "train.out_dir", "train.checkpoint_every", "train.keep_checkpoints", "logging",
                 "eval", "ray", "model.device", "teacher.num_replicas", "teacher.pool", "teacher.call_timeout_s",
                 "rollout", "learner.num_cpus", "learner.num_gpus", "learner.resources", "learner.labels",
-                "learner.max_restarts")
+                "learner.max_restarts", "train.activation_checkpointing", "train.loss_chunk_tokens")
 STATE_KEYS = {"step", "next_batch", "optimizer", "scheduler", "rng", "accounting", "config"}
 ABSENT = "(absent)"
 JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for the entrypoint of a submitted job

@@ -165,8 +165,9 @@ class _CachedContext:
         # the last window of keys, which `crop` cannot roll back and the explicit masks do not describe.
         self.cache = DynamicCache()
         allowed = with_padding(block_causal(prompt_width, self.B, device=seq.device), key_valid[:, :prompt_width])
+        # The head at the last position only: [batch, prompt, vocab] logits would be the prefill's largest tensor.
         logits, self.cache = student.forward(seq[:, :prompt_width], positions[:, :prompt_width], allowed,
-                                             past_key_values=self.cache, use_cache=True)
+                                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.calls = 1
         self.carry = logits[:, -1]  # under `shift` the first position of the next block is predicted here
         self.pending: torch.Tensor | None = None
@@ -180,11 +181,12 @@ class _CachedContext:
                                self.key_valid[:, :end])
         logits, self.cache = self.student.forward(inputs, self.positions[:, q_offset:end], allowed,
                                                   past_key_values=self.cache, use_cache=True,
-                                                  key_positions=self.positions[:, :end])
+                                                  key_positions=self.positions[:, :end],
+                                                  logits_to_keep=B + 1 if self.pending is not None else 0)
         self.calls += 1
         self.cache.crop(-B)  # the current block is still changing: keep only what is committed
         if self.pending is not None:
-            self.carry = logits[:, B - 1]
+            self.carry = logits[:, -B - 1]  # the finished block's last position
             self.pending = None
         logits = logits[:, -B:]
         if self.student.spec.shift:

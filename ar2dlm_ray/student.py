@@ -139,21 +139,35 @@ class Student:
             masks["sliding_attention"] = sliding | ~sliding.any(-1, keepdim=True)
         return {kind: self._additive(mask) for kind, mask in masks.items()}
 
-    def forward(self, input_ids, position_ids, allowed, past_key_values=None, use_cache=False, key_positions=None):
+    def forward(self, input_ids, position_ids, allowed, past_key_values=None, use_cache=False, key_positions=None,
+                logits_to_keep: int | torch.Tensor = 0):
         """Logits for `input_ids` under the boolean attention mask `allowed` ([batch, 1, q, kv]).
 
         `key_positions` ([batch, kv]) are the position ids of the keys; they default to `position_ids`,
-        and differ only when cached keys precede the queries.
+        and differ only when cached keys precede the queries. `logits_to_keep`: the LM head only at these
+        columns (a 1-D index tensor), or at the last n (an int; 0 is every column), as in Hugging Face.
         """
         keys = position_ids if key_positions is None else key_positions
+        extra = {"logits_to_keep": logits_to_keep} if not isinstance(logits_to_keep, int) or logits_to_keep else {}
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=self.additive_mask(allowed, position_ids, keys),
             past_key_values=past_key_values,
             use_cache=use_cache,
+            **extra,
         )
         return out.logits, out.past_key_values
+
+    def supervised_logits(self, batch) -> torch.Tensor:
+        """The logits that predict each supervised token of a TrainBatch ([N, V], in `pred_index` order). The
+        LM head runs only at the columns that some row supervises: at Qwen3 scale the head over every
+        position of [prompt | x0 | xt] is the largest tensor of the step."""
+        width = batch.input_ids.shape[1]
+        rows, cols = batch.pred_index // width, batch.pred_index % width
+        keep = torch.unique(cols)  # sorted
+        logits, _ = self.forward(batch.input_ids, batch.positions, batch.allowed, logits_to_keep=keep)
+        return logits[rows, torch.searchsorted(keep, cols)]
 
     def save(self, out_dir: str | Path) -> Path:
         """Write an ordinary HF directory plus our settings, atomically (temp dir, then rename)."""
