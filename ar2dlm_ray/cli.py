@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -12,9 +13,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .checks import file_in_path
+from .checks import block_size_problem, file_in_path, model_config, model_context, model_dir_problem, pair_problem
 from .outputs import check_output_dir, check_output_file, write_text_atomic
-from .config import SEED_MAX, ConfigError, RunError, SamplerConfig, StartupError, load_config
+from .config import SEED_MAX, ConfigError, RunError, SamplerConfig, StartupError, config_key_problem, load_config
 
 DEFAULT_CONFIG = "configs/micro.yaml"
 
@@ -30,6 +31,9 @@ def cmd_convert(args) -> None:
         raise ConfigError(f"--block-size must be a positive integer, got {args.block_size}")
     if not Path(args.model).exists() and args.model.count("/") != 1:
         raise ConfigError(f"--model: no such directory {args.model!r}; give a Hugging Face model directory")
+    problem = block_size_problem(args.block_size, model_context(model_config(args.model)))
+    if problem:  # such a student would fail only when sampled
+        raise ConfigError(f"--block-size: {problem}")
     check_output_dir(args.out, overwrite=args.overwrite, sources={"--model": args.model})
     model, tokenizer = load_causal_lm(args.model)
     student = convert(model, tokenizer, args.block_size, args.shift)
@@ -65,7 +69,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_train(args) -> None:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, warn_ignored=True)
     if args.allow_change and not args.resume:
         raise ConfigError("--allow-change applies only with --resume")
     if cfg.mode == "ray":
@@ -117,6 +121,9 @@ def cmd_eval(args) -> None:
     if not student and Path(args.model).resolve() != Path(args.teacher).resolve():
         raise ConfigError(f"--model {args.model!r} is not a student directory (no {SPEC_FILE}); give a student "
                           f"(from `ar2dlm convert` or training), or the --teacher directory for the AR reference row")
+    problem = model_dir_problem(args.teacher, student=False) or (student and pair_problem(args.model, args.teacher))
+    if problem:  # before either model loads
+        raise ConfigError(f"--teacher: {problem}")
     result = _eval_models(cfg, args.model if student else None, args.teacher)
     result = {"model": args.model, "teacher": args.teacher, **result}
     write_text_atomic(out, json.dumps(result, indent=2))
@@ -292,14 +299,31 @@ def cmd_experiment(args) -> None:
     _log(f"[experiment] summary, report and plots in {experiment.out}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
-    return value
+def _positive(kind: type):
+    """An argparse type: a positive whole number (int), or a positive finite number (float)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not (value > 0 and math.isfinite(value)):
+            whole = "whole " if kind is int else ""
+            raise argparse.ArgumentTypeError(f"must be a positive {whole}number, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _positive(int)
+
+
+def _config_keys(text: str) -> list[str]:
+    """--allow-change KEY[,KEY...]: keys or sections of the run config (a misspelt one would allow nothing)."""
+    keys = [k for k in text.split(",") if k]
+    for key in keys:
+        problem = config_key_problem(key)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+    return keys
 
 
 def _seed(text: str) -> int:
@@ -351,7 +375,7 @@ def add_run_dir_flags(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in train.out_dir (its metrics, checkpoints, summary and final student)")
-    p.add_argument("--allow-change", type=lambda text: [k for k in text.split(",") if k], action="extend",
+    p.add_argument("--allow-change", type=_config_keys, action="extend",
                    default=[], metavar="KEY[,KEY...]",
                    help="with --resume: accept these config changes (dotted keys or whole sections, e.g. train.lr,data)")
 
@@ -450,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--out", default=None, type=_out_file, help="also write the result JSON here (a new file)")
     _add_overwrite(p, "an existing --out file")
-    p.add_argument("--params", type=float, default=0.6e9, help="weights: parameters of the published state")
+    p.add_argument("--params", type=_positive(float), default=0.6e9, help="weights: parameters of the published state")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights")
     p.add_argument("--json", action="store_true", help="weights, orchestration: print only the result JSON on stdout")
     p.add_argument("--quick", action="store_true", help="orchestration: the small pool sizes only")

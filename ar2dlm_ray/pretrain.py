@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import ConfigError, unwritable_problem
 from .config import MICRO_CONTEXT, DataConfig, PretrainConfig
 from .data import Corpus, corpus_chunks, default_cache_dir, load_corpus, text_prompts
 from .tasks import EOS_TOKEN, PAD_TOKEN, TaskExample, TaskSuite, is_correct
@@ -157,8 +158,10 @@ class MixtureBatches:
             self.docs[e.task].append(ids + [eos])
         self.seq_len, self.batch_size, self.task_fraction = pcfg.seq_len, pcfg.batch_size, pcfg.task_fraction
         self.rng = random.Random(pcfg.seed)
-        if len(self.stream) <= self.seq_len:
-            raise ValueError(f"training text has {len(self.stream)} tokens, fewer than seq_len={self.seq_len}")
+        if len(self.stream) <= self.seq_len:  # pretrain.seq_len, or data.corpus_seq_len for bd3lm's pretrain_mix
+            raise ConfigError(f"rows of {self.seq_len} tokens do not fit the training text ({len(self.stream)} "
+                              f"tokens); lower pretrain.seq_len (data.corpus_seq_len with data.conversion_corpus="
+                              f"pretrain_mix), or add text (data.text_files, data.dataset)")
 
     def _task_row(self) -> list[int]:
         row: list[int] = []
@@ -193,10 +196,15 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
     out = teacher_dir(pcfg, dcfg)
     if (out / "pretrain_report.json").is_file():
         return out
+    # Checked here, not when the config is validated: a cached teacher needs neither, and a config may be read on
+    # another machine (an experiment summarised on a laptop).
+    if pcfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("pretrain.device=cuda, but torch sees no GPU here: use pretrain.device=cpu")
+    problem = unwritable_problem(out.parent)
+    if problem:  # found before, not after, the pretraining
+        raise ConfigError(f"pretrain.cache_dir: {problem}; give a writable directory")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if pcfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("pretrain.device=cuda, but torch sees no GPU here: use pretrain.device=cpu")
     t0 = time.time()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(pcfg.threads or os.cpu_count() or 1)
@@ -261,7 +269,8 @@ def pretrain_teacher(pcfg: PretrainConfig, dcfg: DataConfig, log=print) -> Path:
         accuracy = teacher_accuracy(model, tokenizer, suite.heldout_examples(2 * EVAL_PER_TASK, seed=pcfg.seed))
         heldout_text_loss = None
         if corpus.heldout_texts:
-            chunks = corpus_chunks(corpus.heldout_texts, tokenizer, pcfg.seq_len, 64, seed=pcfg.seed)
+            chunks = corpus_chunks(corpus.heldout_texts, tokenizer, pcfg.seq_len, 64, seed=pcfg.seed,
+                                   key="pretrain.seq_len")
             heldout_text_loss = _text_loss(model, chunks)
         samples = []
         model.eval()

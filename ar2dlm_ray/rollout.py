@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .curriculum import generation_length
 from .sampler import sample
 from .states import Rollout, rollouts_from_sample
@@ -56,8 +56,8 @@ def encode_prompts(cfg: RunConfig, tokenizer, teacher_path: str | None = None) -
     limit = cfg.data.max_prompt_tokens
     kept = [ids for ids in encoded if limit is None or len(ids) <= limit]
     if not kept:
-        raise ValueError(f"data.max_prompt_tokens ({limit}) is shorter than every prompt (the shortest has "
-                         f"{min(map(len, encoded))} tokens); raise it")
+        raise ConfigError(f"data.max_prompt_tokens ({limit}) is shorter than every prompt (the shortest has "
+                          f"{min(map(len, encoded))} tokens); raise it")
     return kept
 
 

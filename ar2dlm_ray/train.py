@@ -16,7 +16,7 @@ def run(config: str, overrides: list[str], resume: bool = False, overwrite: bool
         allow_change: tuple[str, ...] = (), log=None) -> dict:
     from .cluster.driver import train
 
-    cfg = load_config(config, [*overrides, "mode=ray"])
+    cfg = load_config(config, [*overrides, "mode=ray"], warn_ignored=True)
     return train(cfg, resume=resume, log=log or (lambda *a: print(*a, flush=True)), overwrite=overwrite,
                  allow_change=allow_change)
 

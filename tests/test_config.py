@@ -73,3 +73,45 @@ def test_every_shipped_config_loads():
     assert smoke.name == full.name + "_smoke" and smoke.budgets[-1] < full.budgets[-1]
     assert len(full.seeds) >= 5 and full.lr_grid and {full.recipe_of(a) for a in full.arms} == {
         "bd3lm", "sft", "kd_off", "opdlm_off", "opdlm"}
+
+
+def test_copies_with_changes_are_validated():
+    """pydantic's model_copy skips validation: evaluation made a tpf_dynamic@-1.0 column from eval.thresholds."""
+    from ar2dlm_ray.config import EvalConfig
+
+    cfg = load_config(MICRO)
+    with pytest.raises(ConfigError, match="threshold: Input should be less than 1"):
+        cfg.sampler.model_copy(update={"threshold": 1.5})
+    with pytest.raises(ConfigError, match=r"eval.thresholds: each must lie strictly between 0 and 1"):
+        cfg.model_copy(update={"eval": EvalConfig.model_construct(thresholds=[1.5, -1.0])})  # unvalidated inside
+    assert cfg.sampler.model_copy(update={"threshold": 0.5}).threshold == 0.5
+
+
+def test_keys_a_recipe_ignores_are_named(capsys):
+    from ar2dlm_ray.config import DISTILLING, RECIPE_KEYS
+    from ar2dlm_ray.rollout import RECIPES
+
+    # The table follows the recipes' definitions: distilled targets, and bd3lm's corpus.
+    assert set(DISTILLING) == {name for name, r in RECIPES.items() if r.distill}
+    assert RECIPE_KEYS["data.conversion_corpus"] == tuple(n for n, r in RECIPES.items() if r.source == "corpus")
+    load_config(MICRO, ["train.recipe=sft", "train.divergence=jsd", "data.conversion_corpus=pretrain_mix"],
+                warn_ignored=True)
+    assert capsys.readouterr().err.splitlines() == [
+        "ar2dlm: warning: train.divergence=jsd is ignored by train.recipe=sft (only opdlm, opdlm_off, kd_off read it)",
+        "ar2dlm: warning: data.conversion_corpus=pretrain_mix is ignored by train.recipe=sft (only bd3lm read it)"]
+    load_config(MICRO, ["train.recipe=kd_off", "train.divergence=jsd"], warn_ignored=True)  # read by kd_off
+    load_config(MICRO, ["train.recipe=sft", "train.divergence=jsd"])  # an experiment's shared overrides
+    assert capsys.readouterr().err == ""
+    # A key that no recipe reads is refused rather than ignored.
+    with pytest.raises(ConfigError, match="data.teacher_max_new_tokens: no recipe reads it"):
+        load_config(MICRO, ["data.teacher_max_new_tokens=5000", "train.recipe=sft"])
+
+
+def test_config_key_problem():
+    from ar2dlm_ray.config import config_key_problem
+
+    for good in ("train.lr", "data", "rollout.resources.teacher_node", "ray.autoscale.rollout"):
+        assert config_key_problem(good) is None, good
+    assert config_key_problem("train.lrr").endswith("did you mean train.lr?")
+    assert "is not a config key (the config has mode, model" in config_key_problem("no.such.key")
+    assert config_key_problem("train.lr.x").endswith("train.lr is a value")
