@@ -523,11 +523,13 @@ def _read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
     try:
-        with path.open(encoding="utf-8") as stream:  # a stream, so that YAML marks name the file
-            tree = _yaml(stream) or {}
+        path.read_bytes().decode("utf-8")  # whole, for the line of a bad byte (the YAML reader decodes in chunks)
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                          f"{exc.start}); save it as UTF-8") from None
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"config file {str(path)!r}: line {line} is not UTF-8 text (byte "
+                          f"{exc.object[exc.start]:#04x}); save the file as UTF-8") from None
+    with path.open(encoding="utf-8") as stream:  # a stream, so that YAML marks name the file
+        tree = _yaml(stream) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(tree).__name__}")
     return tree

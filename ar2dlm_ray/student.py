@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .checks import SPEC_FILE, ConfigError, StartupError, model_dir_problem
+from .checks import SPEC_FILE, ConfigError, StartupError, model_dir_problem, student_spec
 from .outputs import is_marked, write_marker
 
 NEW_MASK_TOKEN = "<|mask|>"
@@ -223,12 +223,6 @@ def load_student(path: str | Path, dtype: str = "float32", device: str = "cpu", 
         raise FileNotFoundError(
             f"{str(path)!r} is not a student directory (no {SPEC_FILE}); create one with `ar2dlm convert`"
         )
-    spec_path = Path(path) / SPEC_FILE
-    try:
-        spec = StudentSpec(**json.loads(spec_path.read_text()))
-    except (ValueError, TypeError) as exc:  # not JSON, not an object, or other fields
-        want = ", ".join(StudentSpec.__dataclass_fields__)
-        raise ConfigError(f"{str(spec_path)!r} is not a student spec ({' '.join(str(exc).split())}); it holds "
-                          f"{{{want}}}: convert the model again with `ar2dlm convert`") from None
+    spec = StudentSpec(**student_spec(path))
     model, tokenizer = load_causal_lm(str(path), dtype, device, attn_implementation)
     return Student(model, tokenizer, spec)

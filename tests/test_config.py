@@ -97,7 +97,8 @@ def test_keys_a_recipe_ignores_are_named(capsys):
     load_config(MICRO, ["train.recipe=sft", "train.divergence=jsd", "data.conversion_corpus=pretrain_mix"],
                 warn_ignored=True)
     assert capsys.readouterr().err.splitlines() == [
-        "ar2dlm: warning: train.divergence=jsd is ignored by train.recipe=sft (only opdlm, opdlm_off, kd_off read it)",
+        "ar2dlm: warning: train.divergence=jsd is ignored by train.recipe=sft (only opdlm, opdlm_off, kd_off read "
+        "it)",
         "ar2dlm: warning: data.conversion_corpus=pretrain_mix is ignored by train.recipe=sft (only bd3lm read it)"]
     load_config(MICRO, ["train.recipe=kd_off", "train.divergence=jsd"], warn_ignored=True)  # read by kd_off
     load_config(MICRO, ["train.recipe=sft", "train.divergence=jsd"])  # an experiment's shared overrides
