@@ -10,11 +10,20 @@ Mixed precision: with a bfloat16/float16 student, AdamW updates float32 master c
 the low-precision model (which computes, samples and is published) is refreshed from them after each step.
 Updating bf16 weights directly rounds most lr-1e-5 updates to nothing; `train.master_weights: false`
 opts into that anyway.
+
+Sharded (learner.strategy fsdp, `shard`): torch FSDP2 over the learner group, each decoder layer and the
+root a unit. The float32 parameter shards are the master weights, AdamW state is sharded with them, compute
+runs in the model's dtype and gradients are reduce-scattered (averaged over ranks) in float32. Each rank
+trains its own rollout batch, as data parallelism does.
 """
 
 from __future__ import annotations
 
 import torch
+
+from collections.abc import Iterator
+
+from torch.distributed.tensor import DTensor
 
 from .config import RunConfig
 from .curriculum import lr_factor
@@ -31,6 +40,35 @@ def minibatches(n: int, k: int) -> list[range]:
     return [range(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
+def shard(student: Student, compute_dtype: torch.dtype) -> None:
+    """FSDP2 over the current process group, in place: every decoder layer (the model's `_no_split_modules`)
+    and then the root is a unit; parameters become float32 shards, computed in `compute_dtype`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = student.model.float()
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    layers = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in layers:
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    student.compute_dtype = compute_dtype
+
+
+def is_sharded(model) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every entry of the model's state, one at a time, floating ones in `dtype`. A
+    sharded entry is all-gathered: a collective, so every rank must run through all of them in this order.
+    At most one full float32 tensor exists at a time, never a float32 copy of the model."""
+    for name, t in model.state_dict().items():
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        yield name, t.detach().to(dtype) if t.is_floating_point() else t.detach()
+
+
 class Learner:
     def __init__(self, student: Student, cfg: RunConfig, total_steps: int):
         self.student, self.cfg, self.total_steps = student, cfg, total_steps
@@ -42,10 +80,11 @@ class Learner:
         self.minibatches_per_pass = t.rollout_batch_size // (t.minibatch_size or t.rollout_batch_size)
         self.optimizer_steps_per_step = t.updates_per_batch * self.minibatches_per_pass
         self.params = [p for p in student.model.parameters() if p.requires_grad]
+        self.sharded = is_sharded(student.model)
         if t.activation_checkpointing:  # active in train mode only: sampling and evaluation keep their speed
             student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.master = None
-        if student.dtype != torch.float32 and t.master_weights:
+        if not self.sharded and student.dtype != torch.float32 and t.master_weights:
             self.master = [p.detach().float().clone() for p in self.params]
         self.optimizer = torch.optim.AdamW(self.master or self.params, lr=t.lr, weight_decay=t.weight_decay)
         total_updates = total_steps * self.optimizer_steps_per_step
@@ -100,6 +139,8 @@ class Learner:
                 p.grad = None
             stepped = self.master
         grad_norm = torch.nn.utils.clip_grad_norm_(stepped, cfg.train.grad_clip)
+        if isinstance(grad_norm, DTensor):  # the shards' partial norms, reduced over the group
+            grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -121,7 +162,25 @@ class Learner:
             for m, p in zip(self.master, self.params):
                 m.copy_(p)
 
+    def sharded_state(self) -> dict:
+        """Sharded: the float32 parameter shards and AdamW state of this rank (for torch.distributed.checkpoint,
+        which can load them into another number of ranks)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        return {"model": get_model_state_dict(self.student.model),
+                "optim": get_optimizer_state_dict(self.student.model, self.optimizer)}
+
+    def load_sharded_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(self.student.model, state["model"])
+        set_optimizer_state_dict(self.student.model, self.optimizer, state["optim"])
+
     def state_dict(self) -> dict:
+        """Unsharded: optimiser, schedule and master weights. Sharded: the schedule alone (the rest:
+        `sharded_state`)."""
+        if self.sharded:
+            return {"optimizer": None, "scheduler": self.scheduler.state_dict()}
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.master is not None:
             state["master_weights"] = [m.detach().clone() for m in self.master]
@@ -129,9 +188,12 @@ class Learner:
 
     def load_state_dict(self, state: dict) -> None:
         """Optimiser, schedule and (mixed precision) the master weights; call after the model's weights were
-        loaded. A checkpoint without master weights starts them from the model's."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        loaded. A checkpoint without master weights starts them from the model's. Sharded: the schedule (the
+        rest: `load_sharded_state`)."""
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.sharded:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
         if self.master is None:
             return
         if "master_weights" in state:

@@ -108,6 +108,7 @@ class Student:
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self._layer_types = getattr(model.config, "layer_types", None)
         self._window = model.config.sliding_window if "sliding_attention" in (self._layer_types or ()) else None
+        self.compute_dtype: torch.dtype | None = None  # set when sharded: float32 shards, computed in this dtype
 
     @property
     def device(self) -> torch.device:
@@ -115,7 +116,7 @@ class Student:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.compute_dtype or next(self.model.parameters()).dtype
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
