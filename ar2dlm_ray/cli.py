@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -68,6 +67,14 @@ def cmd_sample(args) -> None:
     _log(json.dumps(result) if args.json else args.prompt + result["text"])
 
 
+def resume_of(config: str, overrides: list[str], allow_change: list[str], ray_mode: bool = False) -> str:
+    """The command that continues a training run from its last checkpoint (see cluster/job.py)."""
+    from .cluster.job import resume_command
+
+    flags = [f"--allow-change={','.join(allow_change)}"] if allow_change else []
+    return resume_command(config, overrides, flags, ray_mode)
+
+
 def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides, warn_ignored=True)
     if args.allow_change and not args.resume:
@@ -75,7 +82,8 @@ def cmd_train(args) -> None:
     if cfg.mode == "ray":
         from .cluster.driver import train as ray_train
 
-        ray_train(cfg, resume=args.resume, log=_log, overwrite=args.overwrite, allow_change=tuple(args.allow_change))
+        ray_train(cfg, resume=args.resume, log=_log, overwrite=args.overwrite, allow_change=tuple(args.allow_change),
+                  resume_hint=resume_of(args.config, args.overrides, args.allow_change))
         return
     from .trainer import train
 
@@ -263,7 +271,7 @@ def cmd_pools(args) -> None:
     from .cluster.controller import connect_to_job, parse_sizes
 
     sizes = parse_sizes(args.sizes) if args.pools_command == "scale" else None  # a bad request fails before connecting
-    controller = connect_to_job(args.address, args.namespace)
+    controller = connect_to_job(args.address, args.run, log=_log)
     if sizes is None:
         return _log(json.dumps(ray.get(controller.status.remote()), indent=2))
     answer = ray.get(controller.scale.remote(sizes))
@@ -428,8 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
                        ("show", "a running job's pool sizes, members and resize events")):
         pp = psub.add_parser(name, help=text)
         pp.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or "auto",
-                        help="the cluster's GCS address (host:6379, ray://host:10001 or auto; default $RAY_ADDRESS)")
-        pp.add_argument("--namespace", default="ar2dlm", help="the job's ray.namespace")
+                        help="the cluster: its dashboard URL (http://127.0.0.1:8265, as for `ray job submit`), GCS "
+                             "address (host:6379), ray://host:10001, or auto (the one cluster on this machine); "
+                             "default $RAY_ADDRESS")
+        pp.add_argument("--run", default=None, metavar="NAME",
+                        help="the run (its Ray namespace, printed when the job starts); needed only when several "
+                             "runs share the cluster")
         if name == "scale":
             pp.add_argument("sizes", nargs="+", help="POOL=N for pools rollout and teacher")
         pp.set_defaults(func=cmd_pools)
@@ -507,23 +519,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_guarded(func, *args) -> int:
-    """Run a command; a bad configuration or input is one line on stderr and exit status 2."""
-    from transformers.utils import logging as hf_logging
+def run_guarded(func, *args, resume: str | None = None) -> int:
+    """Run a command; a bad configuration or input is one line on stderr and exit status 2. `resume`: for a
+    training run, the command that continues it; an error after which its checkpoints resume (SIGTERM, a lost
+    learner or node) and Ctrl-C end with it."""
+    # No download progress bars, without importing transformers here (seconds; `ar2dlm pools` needs none).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    from .runs import disk_full
-
-    hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
+    hint = f"; continue from the last checkpoint with: {resume}" if resume else ""
     try:
         func(*args)
+    except KeyboardInterrupt:
+        print(f"ar2dlm: error: interrupted (SIGINT); the checkpoints written so far are whole{hint}", file=sys.stderr)
+        return 130
     except (ConfigError, FileNotFoundError, StartupError, RunError) as exc:
-        hint = ""
-        if getattr(exc, "resumable", False) and args and getattr(args[0], "argv", None) is not None:
-            argv = [a for a in args[0].argv if a not in ("--resume", "--overwrite")]
-            hint = f"; continue from the last checkpoint with: {shlex.join(['ar2dlm', *argv, '--resume'])}"
-        print(f"ar2dlm: error: {exc}{hint}", file=sys.stderr)
+        print(f"ar2dlm: error: {exc}{hint if getattr(exc, 'resumable', False) else ''}", file=sys.stderr)
         return 2
     except OSError as exc:
+        from .runs import disk_full  # imports torch: only here
+
         if not disk_full(exc):
             raise
         # A full disk is the machine's state, not a bug: where, and that what was written before is whole.
@@ -544,8 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the --resume hint of a stopped run
-    return run_guarded(args.func, args)
+    resume = resume_of(args.config, args.overrides, args.allow_change) if args.command == "train" else None
+    return run_guarded(args.func, args, resume=resume)
 
 
 if __name__ == "__main__":

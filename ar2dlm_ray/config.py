@@ -68,8 +68,8 @@ class ModelConfig(_Strict):
             if problem:
                 raise ValueError(f"gguf:<package>: {problem}")
             return value
-        if value is None or (info.field_name == "teacher" and value == "micro"):
-            return value
+        if value is None or (info.field_name == "teacher" and value == "micro") or (info.context or {}).get("elsewhere"):
+            return value  # `elsewhere`: checked where the run starts (a Ray job's paths are the cluster's)
         if not _is_local_or_hub(value):
             hint = " or 'micro' (the built-in micro teacher)" if info.field_name == "teacher" else ""
             raise ValueError(f"no such directory {value!r}; give an existing Hugging Face model directory{hint}")
@@ -387,7 +387,8 @@ class AutoscaleConfig(_Strict):
 
 class RayConfig(_Strict):
     address: str | None = Field(None, description="cluster address; default: $RAY_ADDRESS, else an embedded Ray")
-    namespace: str = "ar2dlm"
+    namespace: str | None = Field(None, description="the run's Ray namespace (its actors' names live there); default: "
+                                                 "logging.run_name, else the job's submission id, else the run name")
     include_dashboard: bool = True
     dashboard_host: str = Field("127.0.0.1", description="embedded Ray: where the dashboard listens")
     num_cpus: int | None = Field(None, gt=0, description="embedded Ray: logical CPUs (default: the machine's)")
@@ -509,7 +510,9 @@ def _format_validation(exc: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; check its spelling against configs/ or `ar2dlm train --help`"
+            near = (config_key_problem(key) or "").partition("; did you mean ")[2] if exc.title == "RunConfig" else ""
+            msg = f"unknown key; did you mean {near}" if near else \
+                "unknown key; check its spelling against configs/ or `ar2dlm train --help`"
         if not key:  # a check across sections: its message names the keys, its input is the whole config
             lines.append(f"  {msg}")
             continue
@@ -536,10 +539,11 @@ def _read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                warn_ignored: bool = False) -> RunConfig:
+                warn_ignored: bool = False, elsewhere: bool = False) -> RunConfig:
     """Load a YAML file (or the defaults), apply `key.sub=value` overrides, validate everything. `warn_ignored`
     (a training run's own config, not an experiment's, whose shared overrides serve several recipes): a stderr
-    line for each key that the recipe does not read."""
+    line for each key that the recipe does not read. `elsewhere`: the run starts on another machine, so model
+    paths are not looked up here."""
     tree: dict = _read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"
     for text in overrides:
@@ -548,7 +552,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if overrides:
         source += " with overrides " + " ".join(overrides)
     try:
-        cfg = RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree, context={"elsewhere": elsewhere})
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc, source)) from None
     for text in ignored_by_recipe(cfg) if warn_ignored else ():

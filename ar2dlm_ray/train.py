@@ -13,23 +13,26 @@ from .config import load_config
 
 
 def run(config: str, overrides: list[str], resume: bool = False, overwrite: bool = False,
-        allow_change: tuple[str, ...] = (), log=None) -> dict:
+        allow_change: tuple[str, ...] = (), log=None, resume_hint: str | None = None) -> dict:
     from .cluster.driver import train
 
     cfg = load_config(config, [*overrides, "mode=ray"], warn_ignored=True)
     return train(cfg, resume=resume, log=log or (lambda *a: print(*a, flush=True)), overwrite=overwrite,
-                 allow_change=allow_change)
+                 allow_change=allow_change, resume_hint=resume_hint)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import add_run_dir_flags, run_guarded
+    from .cli import add_run_dir_flags, resume_of, run_guarded
 
     parser = argparse.ArgumentParser(prog="python -m ar2dlm_ray.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     add_run_dir_flags(parser)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
-    return run_guarded(run, args.config, args.overrides, args.resume, args.overwrite, tuple(args.allow_change))
+    # Inside `ray job submit`: deploy/submit.sh ... --resume; run here: ar2dlm train ... mode=ray --resume.
+    resume = resume_of(args.config, args.overrides, args.allow_change, ray_mode=True)
+    return run_guarded(run, args.config, args.overrides, args.resume, args.overwrite, tuple(args.allow_change),
+                       None, resume, resume=resume)
 
 
 if __name__ == "__main__":

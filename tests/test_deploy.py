@@ -211,50 +211,102 @@ def test_pool_demand_sums_every_pool():
     assert demand["teacher_node"] == t.num_replicas and demand["student_node"] == r.num_workers + lr.num_workers
 
 
-def test_submit_uploads_only_tracked_files(tmp_path):
-    """An untracked secret next to the code never leaves the machine; tracked files (with their working-tree
-    content) do, with deploy/runtime_env.yaml and this clone's .venv first on the job's PATH. A stand-in `ray`
-    on PATH records what `ray job submit` was given."""
+@pytest.fixture
+def submit_clone(tmp_path):
+    """A clone of the repository with this tree's deploy files, a stand-in `ray` first on PATH that records what
+    `ray job submit` was given (its options, the uploaded files, the runtime env), and `submit(*args, cwd=...)`."""
     import os
     import subprocess
+    import sys
 
     repo = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
-    for mine in ("deploy/submit.sh", "deploy/runtime_env.yaml"):  # these, not HEAD's
-        (repo / mine).write_text((ROOT / mine).read_text())
-    subprocess.run(["git", "add", "deploy/runtime_env.yaml"], cwd=repo, check=True)
-    (repo / ".env").write_text("SECRET=1\n")
-    (repo / "configs" / "micro.yaml").write_text((repo / "configs" / "micro.yaml").read_text() + "# edited\n")
+    for mine in ("deploy/submit.sh", "deploy/runtime_env.yaml", "ar2dlm_ray/validate.py", "ar2dlm_ray/config.py"):
+        (repo / mine).write_text((ROOT / mine).read_text())  # these, not HEAD's
+    subprocess.run(["git", "add", "deploy/runtime_env.yaml", "ar2dlm_ray/validate.py"], cwd=repo, check=True)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "ray").write_text('#!/usr/bin/env bash\nwhile [[ $1 != --runtime-env ]]; do shift; done\n'
+    (bin_dir / "ray").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$RECORD.args"\n'
+                                 'while [[ $1 != --runtime-env ]]; do shift; done\n'
                                  'cp "$2" "$RECORD.env" && shift 2 && [[ $1 == --working-dir ]]\n'
-                                 'cd "$2" && find . -type f | sort > "$RECORD" && shift 2 && echo "$@" >> "$RECORD"\n')
+                                 'cd "$2" && find . -type f | sort > "$RECORD"\n')
     (bin_dir / "ray").chmod(0o755)
     record = tmp_path / "record"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record)}
+    # python3: one with the package's dependencies, as on a machine after `make setup`.
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RECORD": str(record)}
 
-    def submit(*args):
-        return subprocess.run(["bash", str(repo / "deploy" / "submit.sh"), *args], env=env, cwd=repo,
+    def submit(*args, cwd=repo):
+        record.with_suffix(".args").unlink(missing_ok=True)
+        return subprocess.run(["bash", str(repo / "deploy" / "submit.sh"), *args], env=env, cwd=cwd,
                               capture_output=True, text=True)
 
-    assert submit("configs/micro.yaml", "train.max_steps=2").returncode == 0
-    lines = record.read_text().splitlines()
-    files = {ln.removeprefix("./") for ln in lines[:-1]}
+    return repo, record, submit
+
+
+def _entrypoint(record: Path) -> list[str]:
+    args = record.with_suffix(".args").read_text().splitlines()
+    return args[args.index("--") + 1:]
+
+
+def test_submit_uploads_only_tracked_files(submit_clone):
+    """An untracked secret next to the code never leaves the machine; tracked files (with their working-tree
+    content) do, with deploy/runtime_env.yaml and this clone's .venv first on the job's PATH."""
+    import subprocess
+
+    repo, record, submit = submit_clone
+    (repo / ".env").write_text("SECRET=1\n")
+    (repo / "configs" / "micro.yaml").write_text((repo / "configs" / "micro.yaml").read_text() + "# edited\n")
+    proc = submit("configs/micro.yaml", "train.max_steps=2", "train.out_dir=/mnt/shared/runs/micro")
+    assert proc.returncode == 0, proc.stderr
+    files = {ln.removeprefix("./") for ln in record.read_text().splitlines()}
     tracked = set(subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True).stdout.split())
     assert files == tracked and ".env" not in files
-    assert lines[-1] == "-- python -m ar2dlm_ray.train --config configs/micro.yaml train.max_steps=2"
+    assert _entrypoint(record) == ["python", "-m", "ar2dlm_ray.train", "--config", "configs/micro.yaml",
+                                   "train.max_steps=2", "train.out_dir=/mnt/shared/runs/micro"]
     shipped = yaml.safe_load((ROOT / "deploy" / "runtime_env.yaml").read_text())
-    assert yaml.safe_load((tmp_path / "record.env").read_text()) == shipped  # no .venv in this clone
+    assert yaml.safe_load(record.with_suffix(".env").read_text()) == shipped  # no .venv in this clone
     (repo / ".venv" / "bin").mkdir(parents=True)
-    (repo / ".venv" / "bin" / "python").write_text("")
-    (repo / ".venv" / "bin" / "python").chmod(0o755)
-    assert submit("configs/micro.yaml").returncode == 0
-    sent = yaml.safe_load((tmp_path / "record.env").read_text())
+    (repo / ".venv" / "bin" / "python").symlink_to(__import__("sys").executable)
+    assert submit("configs/micro.yaml", "train.out_dir=/mnt/shared/runs/micro").returncode == 0
+    sent = yaml.safe_load(record.with_suffix(".env").read_text())
     assert sent["env_vars"].pop("PATH") == f"{repo / '.venv' / 'bin'}:${{PATH}}" and sent == shipped
-    (repo / "configs" / "mine.yaml").write_text("mode: local\n")
-    proc = submit("configs/mine.yaml")
-    assert proc.returncode == 2 and "not tracked by git" in proc.stderr
+
+
+def test_submit_validates_before_uploading_and_sends_id_metadata_and_ray_options(submit_clone, tmp_path):
+    """Bad input is one line, within 2 CPU seconds (wall time on a loaded test machine says little), and nothing
+    is sent; a config outside the repository (given from the current directory) travels with the job; the
+    submission id, metadata and Ray's own options reach `ray job submit`."""
+    import resource
+
+    def cpu_s() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    repo, record, submit = submit_clone
+    for args, wanted in ((["train.max_step=2"], "train.max_step: unknown key; did you mean train.max_steps?"),
+                         (["train.out_dir=runs/x"], "train.out_dir runs/x is relative"),
+                         (["train.out_dir=/mnt/x", "train.lr=-1"], "train.lr: ")):
+        start = cpu_s()
+        proc = submit("configs/micro.yaml", *args)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and wanted in proc.stderr, proc.stderr
+        assert cpu_s() - start < 2 and not record.with_suffix(".args").exists()
+    mine = tmp_path / "elsewhere" / "mine.yaml"
+    mine.parent.mkdir()
+    mine.write_text((ROOT / "configs" / "micro.yaml").read_text().replace("out_dir: runs/micro", "out_dir: /mnt/x/mine"))
+    proc = submit("mine.yaml", "train.max_steps=2", "--no-wait", "--entrypoint-num-cpus", "1", "--resume",
+                  cwd=mine.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "./submitted/mine.yaml" in record.read_text().splitlines()
+    assert _entrypoint(record) == ["python", "-m", "ar2dlm_ray.train", "--config", "submitted/mine.yaml",
+                                   "train.max_steps=2", "--resume"]
+    options = record.with_suffix(".args").read_text().splitlines()
+    options = options[:options.index("--")]
+    assert "--no-wait" in options and options[options.index("--entrypoint-num-cpus") + 1] == "1"
+    job_id = next(o for o in options if o.startswith("--submission-id=")).partition("=")[2]
+    metadata = json.loads(next(o for o in options if o.startswith("--metadata-json=")).partition("=")[2])
+    assert re.fullmatch(r"mine-\d{8}-\d{6}", job_id) and metadata["run_name"] == job_id
+    assert metadata["config"] == "mine.yaml" and re.fullmatch(r"[0-9a-f]{40}(-dirty)?", metadata["git_commit"])
 
 
 def test_shipped_cluster_files_keep_token_authentication_on():
@@ -285,3 +337,22 @@ def test_images_run_as_a_user_not_root():
         # Nothing after the switch runs as root again (a later RUN would need it; CMD comes after).
         assert not [line for line in lines[last:] if line.startswith(("RUN ", "USER root"))], name
         assert any(line.startswith("RUN useradd") for line in lines[:last]), name
+
+
+def test_readme_recipe_stops_only_its_own_head_and_keeps_data_out_of_the_repository():
+    text = (ROOT / "README.md").read_text()
+    recipe = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "ray start --head" in b and "submit.sh" in b)
+    lines = [line.split("  #")[0].strip() for line in recipe.splitlines() if line.strip() and not line.startswith("#")]
+    assert not any(re.search(r"\bray stop\b", line) for line in lines), lines
+    start = next(line for line in lines if "ray start --head" in line)
+    assert "--block" in start and start.endswith("&") and lines[lines.index(start) + 1] == "head=$!"
+    assert lines[-1] == "kill -- -$head"
+    prometheus = re.findall(r"`(prometheus --config\.file=[^`]*)`", text)
+    assert prometheus and all("--storage.tsdb.path=$HOME/" in command for command in prometheus), prometheus
+    assert "token in a dialog" in text
+
+
+def test_config_comments_name_the_schedule_they_set():
+    for config in sorted(ROOT.glob("configs/*.yaml")):
+        said = re.findall(r"^#.*curriculum\.schedule=(\w+)", config.read_text(), re.M)
+        assert all(s == load_config(config).curriculum.schedule for s in said), (config, said)

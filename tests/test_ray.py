@@ -301,16 +301,26 @@ def test_killed_driver_resumes_exactly(micro_teacher, tmp_path, local_ray, local
         assert summary["accounting"][key] == value, key
 
 
-def test_pools_that_do_not_fit_fail_with_the_shortfall_and_hold_nothing(micro_teacher, tmp_path, local_ray):
-    """On a cluster (not an embedded Ray) the pools are reserved first; a shortfall that lasts past
-    ray.startup_timeout_s ends with one message per resource, and every reservation is released."""
+def test_pools_that_do_not_fit_fail_with_the_shortfall_and_hold_nothing(micro_teacher, tmp_path, local_ray,
+                                                                        monkeypatch):
+    """On a cluster (not an embedded Ray) the pools are reserved first. A shortfall on a cluster that no
+    autoscaler can grow (this one) fails at once; on one that could, when it lasts past ray.startup_timeout_s.
+    Either is one message per resource, and every reservation is released."""
     import time
 
+    from ar2dlm_ray.cluster import placement
     from ar2dlm_ray.cluster.driver import RayTrainer
     from ar2dlm_ray.config import StartupError
 
     cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
-        "rollout.num_workers": 12, "teacher.pool.num_gpus": 1, "ray.startup_timeout_s": 2}))
+        "rollout.num_workers": 12, "teacher.pool.num_gpus": 1, "ray.startup_timeout_s": 60}))
+    with pytest.raises(StartupError) as err:
+        RayTrainer(cfg, lambda *a: None)
+    assert str(err.value) == ("the pools do not fit the cluster (CPU: pools need 14, cluster has 8; GPU: pools need 1, "
+                              "cluster has 0) and no autoscaler can add nodes to it; add nodes (`ray start --address "
+                              "...` on another machine), or lower the pool sizes / per-actor resources")
+    monkeypatch.setattr(placement, "can_grow", lambda: True)  # as if an autoscaler might add nodes
+    cfg.ray.startup_timeout_s = 2
     before = set(ray.util.placement_group_table())
     start = time.monotonic()
     with pytest.raises(StartupError) as err:

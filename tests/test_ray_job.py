@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -78,25 +79,44 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-@pytest.mark.slow
-def test_ray_job_submit_end_to_end(micro_teacher, tmp_path, tmp_path_factory):
-    port, dash, prom = _free_port(), _free_port(), _free_port()
+@contextmanager
+def private_head(num_cpus: int, *options: str):
+    """A Ray head of the test's own, on ports of its own: (GCS port, dashboard port, the environment that
+    reaches it). `--block` in its own session: stopping its process group stops exactly this cluster (`ray
+    stop` would stop every Ray on the machine, by process name)."""
+    port, dash = _free_port(), _free_port()
     # Ray 2.60 turns token authentication on by default; a loopback test cluster opts out on both sides.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    # `--block` in its own session: stopping it stops exactly this cluster (`ray stop` would stop every
-    # Ray on the machine, by process name).
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--metrics-export-port={prom}", "--num-cpus=4",
+         f"--dashboard-port={dash}", f"--num-cpus={num_cpus}",
          # Not the default agent port: another Ray on the machine (a CI run) may hold it, and then no job
          # can be submitted ("No available agent").
-         f"--dashboard-agent-listen-port={_free_port()}",
-         '--system-config={"metrics_report_interval_ms": 1000}'],
+         f"--dashboard-agent-listen-port={_free_port()}", *options],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    server = None
     try:
         _wait_for(f"http://127.0.0.1:{dash}/api/version", head)
+        yield port, dash, env
+    finally:
+        _stop(head)
+        # `ray stop` would also forget the cluster; without this a later ray.init() tries to join it.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_end_to_end(micro_teacher, tmp_path, tmp_path_factory):
+    prom = _free_port()
+    with private_head(4, f"--metrics-export-port={prom}", '--system-config={"metrics_report_interval_ms": 1000}') \
+            as (port, dash, env):
+        _submit_and_check(micro_teacher, tmp_path, tmp_path_factory, dash, prom, env)
+
+
+def _submit_and_check(micro_teacher, tmp_path, tmp_path_factory, dash: int, prom: int, env: dict) -> None:
+    server = None
+    try:
         prom_dir = tmp_path_factory.mktemp("prometheus")
         server, server_port = _start_prometheus(prom_dir, prom)
         # The dashboard answers before the head's job agent has registered; until then a submission is
@@ -156,11 +176,40 @@ def test_ray_job_submit_end_to_end(micro_teacher, tmp_path, tmp_path_factory):
     finally:
         if server is not None:
             _stop(server)
-        _stop(head)
-        # `ray stop` would also forget the cluster; without this a later ray.init() tries to join it.
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
-            current.unlink()
+
+
+@pytest.mark.slow
+def test_two_runs_share_a_cluster_and_a_third_with_a_taken_name_is_refused(micro_teacher, tmp_path):
+    """Two drivers on one private head, each in a Ray namespace of its own, both finish with exact accounting;
+    a third started at the same time under one's run name is refused in one line that names the other job and
+    the setting that separates them, and its clean-up leaves the other's actors alone (the other finishes)."""
+    from test_ray import ray_overrides
+    from test_ray_pools import _check_accounting, _metrics
+
+    with private_head(6) as (port, dash, env):
+        def driver(name: str, *extra: str) -> subprocess.Popen:
+            argv = [sys.executable, "-m", "ar2dlm_ray.train", "--config", "configs/micro.yaml",
+                    f"ray.address=127.0.0.1:{port}", *ray_overrides(micro_teacher, tmp_path / name,
+                                                                   **{"train.max_steps": 2}), *extra]
+            return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+
+        runs = {"a": driver("a", "logging.run_name=shared"), "b": driver("b"),
+                "c": driver("c", "logging.run_name=shared")}
+        done = {name: (proc.communicate(timeout=400), proc.returncode) for name, proc in runs.items()}
+    failed = [name for name, (_, rc) in done.items() if rc != 0]
+    assert len(failed) == 1 and failed[0] in "ac", {n: (rc, err[-3000:]) for n, ((_, err), rc) in done.items()}
+    (_, err), rc = done[failed[0]]
+    errors = [line for line in err.splitlines() if line.startswith("ar2dlm: error:")]  # beside Ray's INFO lines
+    assert rc == 2 and len(errors) == 1 and err.strip().endswith(errors[0]), err
+    assert re.fullmatch(r"ar2dlm: error: job \w+ \(driver pid \d+, run shared\) already runs in Ray namespace "
+                        r"'shared' on this cluster; give this run a name of its own: logging\.run_name=<name> \(or "
+                        r"ray\.namespace=<name>\)", errors[0]), err
+    for name in {"a", "b", "c"} - set(failed):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["steps"] == 2
+        _check_accounting(summary, _metrics(tmp_path / name), 8)
+    assert not (tmp_path / failed[0] / "metrics.jsonl").exists()  # refused before any work
 
 
 def _readme_cluster_commands() -> list[str]:
@@ -198,8 +247,9 @@ def test_readme_cluster_commands_run_as_written(micro_teacher, tmp_path):
             elif "get-auth-token --generate" in command:
                 continue  # the token file above
             elif "ray start --head" in command:
+                start = command.partition(" > ")[0]  # the test keeps the head's output and process group
                 head = subprocess.Popen(
-                    ["bash", "-c", f"{command} --block --port={port} --dashboard-port={dash} --num-cpus=4 "
+                    ["bash", "-c", f"{start} --port={port} --dashboard-port={dash} --num-cpus=4 "
                                    f"--dashboard-agent-listen-port={_free_port()} --ray-client-server-port={_free_port()}"],
                     cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "head.log").open("w"),
                     start_new_session=True)

@@ -113,7 +113,7 @@ def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro
     trainer = RayTrainer(cfg, logs.append)
     address = ray.get_runtime_context().gcs_address
     cli = [sys.executable, "-m", "ar2dlm_ray.cli", "pools"]
-    where = ["--address", address, "--namespace", "ar2dlm-test"]
+    where = ["--address", address, "--run", "ar2dlm-test"]
     answers: dict = {}
 
     def run(*args):

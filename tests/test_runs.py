@@ -219,7 +219,7 @@ def test_config_changes_name_every_changed_key():
     assert config_changes(old, new) == {"model.block_size": (4, 8), "train.seed": (0, 3)}
     assert config_changes(old, old) == {}
     del old["ray"]["namespace"]
-    assert config_changes(old, _config())["ray.namespace"] == ("(absent)", "ar2dlm")
+    assert config_changes(old, _config())["ray.namespace"] == ("(absent)", None)
 
 
 def test_safe_changes_pass_and_what_changes_training_is_refused(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ray
 
 from ..config import ConfigError
+from .address import gcs_address, wait_until_reachable
 from .placement import shortfall
 
 CONTROLLER_NAME = "pools-controller"
@@ -98,16 +99,22 @@ def current_members(pool: str) -> list[str]:
         return []
 
 
-def connect_to_job(address: str, namespace: str):
-    """The running job's controller, from outside the job (the CLI)."""
-    from .driver import wait_until_reachable
-
+def connect_to_job(address: str, run: str | None, log=print):
+    """A running run's controller, from outside its job (the CLI). `address`: the dashboard URL (what
+    `ray job submit` takes), the GCS address host:port, ray://host:port or auto; `run`: the run's Ray
+    namespace, needed only when several runs share the cluster. Connecting makes this process a Ray driver,
+    which Ray lists as a short job of its own."""
+    gcs = gcs_address(address)
     if not ray.is_initialized():
-        if address not in ("auto",) and not address.startswith("ray://"):
-            wait_until_reachable(address, 10.0)
-        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
-    try:
-        return ray.get_actor(CONTROLLER_NAME, namespace=namespace)
-    except ValueError:
-        raise ConfigError(f"no running ar2dlm job at {address} in namespace {namespace!r} (no {CONTROLLER_NAME} "
-                          "actor); check --address and --namespace (the job's ray.namespace)") from None
+        if not gcs.startswith("ray://"):
+            wait_until_reachable(gcs, 10.0)
+        ray.init(address=gcs, log_to_driver=False, logging_level="ERROR")
+    runs = sorted(a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == CONTROLLER_NAME)
+    if run is None and len(runs) == 1:
+        run = runs[0]
+    if run is None or run not in runs:
+        found = f"the runs there: {', '.join(runs)}; pick one with --run NAME" if runs else "no ar2dlm run is there"
+        raise ConfigError(f"{'no run ' + repr(run) + ' on' if run else 'which run on'} the Ray cluster at {gcs}? "
+                          f"{found}")
+    log(f"[pools] cluster at {gcs}{f' (dashboard {address})' if gcs != address else ''}, run {run!r}")
+    return ray.get_actor(CONTROLLER_NAME, namespace=run)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,12 @@ from ..runs import RunStorage, StopRequest, check_run_dir, checkpoint_due, flops
 from ..tracking import Tracker, run_name
 from ..models import resolve_teacher_path
 from .actors import LearnerWorker, RolloutWorker, TeacherServer
+from .address import wait_until_reachable
 from .admission import Admission
 from .batch_queue import BatchQueue
 from .controller import CONTROLLER_NAME, PoolController
 from .delivery import LEDGER_NAME, DeliveryLedger
+from .job import submission_id
 from .messages import ACCOUNTED
 from .metrics import Metrics
 from .nodes import (NodeWatch, absolute_out_dir, bundle_nodes, check_visible, dashboard_warning, loopback_only,
@@ -53,6 +54,13 @@ ACCOUNTING_KEYS = ("prompts_consumed", "rolled_out", "scored", "trained_on", "dr
                    "regenerated", "retried", "tokens_trained", "sampler_forwards", "generated_tokens")
 
 
+def namespace(cfg: RunConfig) -> str:
+    """The run's own Ray namespace, so that jobs sharing a cluster never see each other's actors: `ray.namespace`,
+    else `logging.run_name`, else the job's submission id (unique on its cluster), else the run name
+    (<out_dir's name>-<start time>)."""
+    return cfg.ray.namespace or cfg.logging.run_name or submission_id() or run_name(cfg)
+
+
 def connect(cfg: RunConfig, log: Callable = print) -> bool:
     """Join the cluster named by `ray.address` / $RAY_ADDRESS (set inside `ray job submit`), else start
     an embedded local Ray with the dashboard on `ray.dashboard_host`. True when the Ray is embedded."""
@@ -63,13 +71,14 @@ def connect(cfg: RunConfig, log: Callable = print) -> bool:
     # set their own thread counts.
     if address:
         wait_until_reachable(address, cfg.ray.connect_timeout_s)
-        ray.init(address=address, namespace=cfg.ray.namespace)
-        log(f"[ray] connected to {address}")
+        ray.init(address=address, namespace=namespace(cfg))
+        log(f"[ray] connected to {address}; this run's actors are in Ray namespace {namespace(cfg)!r} "
+            f"(`ar2dlm pools show --run {namespace(cfg)}`)")
         return False
     system = {"metrics_report_interval_ms": 1000}
     kwargs = {"_metrics_export_port": cfg.ray.metrics_export_port} if cfg.ray.metrics_export_port else {}
     with loopback_only():
-        info = ray.init(address="local", namespace=cfg.ray.namespace, num_cpus=cfg.ray.num_cpus,
+        info = ray.init(address="local", namespace=namespace(cfg), num_cpus=cfg.ray.num_cpus,
                         include_dashboard=cfg.ray.include_dashboard, dashboard_host=cfg.ray.dashboard_host,
                         _system_config=system, **kwargs)
     port = info.dashboard_url.rpartition(":")[2] if info.dashboard_url else None
@@ -78,27 +87,6 @@ def connect(cfg: RunConfig, log: Callable = print) -> bool:
     if port and (warning := dashboard_warning(cfg.ray.dashboard_host)):
         log(warning)
     return True
-
-
-def wait_until_reachable(address: str, timeout_s: float) -> None:
-    """Fail within `timeout_s` when nothing listens at a host:port Ray address (ray.init itself retries
-    the GCS for minutes, printing only warnings)."""
-    if address in ("auto", "local"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"ray.address {address!r} is not host:port (or ray://host:port, auto)")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)).close()
-            return
-        except OSError as exc:
-            if time.monotonic() >= deadline:
-                raise ConfigError(f"cannot reach a Ray cluster at {address!r} within ray.connect_timeout_s="
-                                  f"{timeout_s:g}s ({exc}); start one (`ray start --head`) or fix ray.address / "
-                                  "RAY_ADDRESS") from None
-            time.sleep(0.5)
 
 
 @dataclass(frozen=True)
@@ -118,16 +106,19 @@ class RayTrainer:
         cfg = absolute_out_dir(cfg, log)  # one run directory for the driver and every actor
         self.cfg, self.log, self.roles = cfg, log, roles
         self.nodes = NodeWatch()
-        self.reservation = reserve(cfg, embedded, log)  # before any actor starts; released by close()
         self.producers: Producers | None = None
+        self.fixed = {"rollout": "learner.transport=collective broadcasts to a group fixed at start; use "
+                                 "object_store to resize it"} if cfg.learner.transport == "collective" else {}
+        self.controller = claim_namespace(self.fixed, {"rollout": bundle(cfg.rollout),
+                                                       "teacher": bundle(cfg.teacher.pool)})
         try:
+            self.reservation = reserve(cfg, embedded, log)  # before any actor starts; released by close()
             check_visible(cfg.train.out_dir, bundle_nodes(self.reservation.groups["learner"]), "the learners")
             self._start_pools(cfg)
         except BaseException:
-            self.reservation.release()  # also ends the pool actors that did start
-            for name in SHARED_ACTORS:  # outside the reservation
-                if _exists(name):
-                    ray.kill(ray.get_actor(name), no_restart=True)
+            if hasattr(self, "reservation"):
+                self.reservation.release()  # also ends the pool actors that did start
+            _stop(self._shared())  # outside the reservation
             raise
 
     def _start_pools(self, cfg: RunConfig) -> None:
@@ -142,15 +133,10 @@ class RayTrainer:
         # Admission bounds the batches in flight (they grow with the pools), so the queues need no bound of their own.
         self.queue = BatchQueue(UNBOUNDED, QUEUE_NAME, options=here)
         self.score_queue = BatchQueue(UNBOUNDED, SCORE_QUEUE_NAME, options=here)
-        fixed = {"rollout": "learner.transport=collective broadcasts to a group fixed at start; use object_store "
-                            "to resize it"} if cfg.learner.transport == "collective" else {}
-        bundles = {"rollout": bundle(cfg.rollout), "teacher": bundle(cfg.teacher.pool)}
-        self.controller = ray.remote(PoolController).options(name=CONTROLLER_NAME, num_cpus=0, **here).remote(
-            fixed, bundles)
         self.accounting = {k: 0 for k in ACCOUNTING_KEYS}
         self.producers = Producers(cfg, self.log, self.recipe, {"teacher": self._start_teacher,
                                                                 "rollout": self._start_rollout},
-                                   self.reservation, self.score_queue, self.controller, fixed,
+                                   self.reservation, self.score_queue, self.controller, self.fixed,
                                    cfg.learner.num_workers, self.accounting)
         self.producers.start(_started)
         self.placement = self.producers.placement
@@ -185,6 +171,16 @@ class RayTrainer:
         cfg = self.cfg
         return ray.remote(self.roles.rollout).options(**self.reservation.options("rollout", cfg.rollout, name)).remote(
             cfg, self.teacher_path, index, self.producers.pools["teacher"].names(), self.queue, self.score_queue)
+
+    def _shared(self) -> dict:
+        """The run's actors outside the pools that this driver has created so far, by name. Clean-up kills these
+        by handle: an actor looked up by name could be another job's."""
+        made = {CONTROLLER_NAME: self.controller, REGISTRY_NAME: getattr(self, "registry", None),
+                LEDGER_NAME: getattr(self, "ledger", None)}
+        made.update({name: getattr(self, attr).actor for attr, name in (("queue", QUEUE_NAME),
+                                                                        ("score_queue", SCORE_QUEUE_NAME))
+                     if hasattr(self, attr)})
+        return {name: actor for name, actor in made.items() if actor is not None}
 
     @property
     def workers(self) -> list:
@@ -369,15 +365,9 @@ class RayTrainer:
     def close(self) -> None:
         """Stop the pools (they would die with a job's driver anyway, but not in a shared Ray)."""
         members = self.producers.members() if self.producers else []
-        names = [*SHARED_ACTORS, *(m.name for m in members), *(f"learner-{r}" for r in range(len(self.learners)))]
-        for actor in [*self.learners, *(m.handle for m in members), self.registry, self.ledger, self.queue.actor,
-                      self.score_queue.actor, self.controller]:
-            ray.kill(actor, no_restart=True)
         self.reservation.release()
-        deadline = time.monotonic() + 30
-        while names and time.monotonic() < deadline:  # names are released asynchronously
-            names = [n for n in names if _exists(n)]
-            time.sleep(0.05)
+        _stop({**self._shared(), **{m.name: m.handle for m in members},
+               **{f"learner-{r}": lw for r, lw in enumerate(self.learners)}})
 
 
 def _mean_updates(results: list[dict]) -> list[dict]:
@@ -386,6 +376,46 @@ def _mean_updates(results: list[dict]) -> list[dict]:
     return [{"loss": sum(u["loss"] for u in ups) / len(ups), "grad_norm": ups[0]["grad_norm"], "lr": ups[0]["lr"],
              "supervised_tokens": sum(u["supervised_tokens"] for u in ups)}
             for ups in zip(*(r["updates"] for r in results))]
+
+
+def _stop(actors: dict) -> None:
+    """Kill these actors (by handle) and wait until their names are free again: Ray releases them
+    asynchronously, and the next run in this namespace (a resume in the same process) needs them."""
+    for actor in actors.values():
+        ray.kill(actor, no_restart=True)
+    names, deadline = list(actors), time.monotonic() + 30
+    while names and time.monotonic() < deadline:
+        names = [n for n in names if _exists(n)]
+        time.sleep(0.05)
+
+
+def claim_namespace(fixed: dict[str, str], bundles: dict[str, dict]):
+    """The pool controller, the run's first named actor: creating it claims the namespace, so a second job in
+    the same namespace is refused here, in one line, before it reserves or starts anything."""
+    try:
+        return ray.remote(PoolController).options(name=CONTROLLER_NAME, num_cpus=0, **on_driver_node()).remote(
+            fixed, bundles)
+    except ValueError:  # ActorAlreadyExistsError
+        space = ray.get_runtime_context().namespace
+        raise ConfigError(f"{_holder(space)} already runs in Ray namespace {space!r} on this cluster; give this run "
+                          f"a name of its own: logging.run_name=<name> (or ray.namespace=<name>)") from None
+
+
+def _holder(space: str) -> str:
+    """The job whose pool controller holds `space`, as the state API names it (read only, never touched)."""
+    try:
+        from ray.util.state import list_actors, list_jobs
+
+        gcs = ray.get_runtime_context().gcs_address
+        actor = list_actors(gcs, filters=[("name", "=", CONTROLLER_NAME), ("ray_namespace", "=", space),
+                                          ("state", "=", "ALIVE")], timeout=5)[0]
+        job = next(j for j in list_jobs(gcs, timeout=5) if j.job_id == actor.job_id)
+        meta = job.metadata or {}
+        parts = [f"submission {job.submission_id}" if job.submission_id else f"driver pid {job.driver_info.pid}",
+                 f"run {meta.get('run_name') or space}", *([f"config {meta['config']}"] if "config" in meta else [])]
+        return f"job {actor.job_id} ({', '.join(parts)})"
+    except Exception:  # noqa: BLE001 - no dashboard to ask: the namespace alone names it
+        return "another job"
 
 
 def _started(actors: list, names: list[str]) -> list[dict]:
@@ -411,9 +441,11 @@ def _exists(name: str) -> bool:
 
 
 def train(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite: bool = False,
-          allow_change: tuple[str, ...] = ()) -> dict:
+          allow_change: tuple[str, ...] = (), resume_hint: str | None = None) -> dict:
     check_run_dir(cfg.train.out_dir, cfg.logging.metrics_file, resume, overwrite)  # before starting pools
     trainer = RayTrainer(cfg, log)
+    if resume_hint:  # a lost driver (its node, an OOM kill) says nothing: the command is in the log from the start
+        log(f"[train] should this driver be lost, continue the run from its last checkpoint with: {resume_hint}")
     try:
         return trainer.run(resume=resume, overwrite=overwrite, allow_change=allow_change)
     finally:

@@ -1,7 +1,8 @@
 """Gang placement of the three pools: every actor's resources are reserved (one placement group per pool,
 one bundle per actor) before any actor starts, so a job whose pools do not fit never half-starts and holds
 what it got. On a cluster that can grow, the reservation waits up to `ray.startup_timeout_s` for the
-autoscaler; then it fails with one message naming the shortfall per resource and releases everything.
+autoscaler; then it fails with one message naming the shortfall per resource and releases everything. On a
+cluster that cannot (an embedded Ray, one started by hand with `ray start`) a shortfall fails at once.
 
 While a job runs, a pool that is scaled up first refills bundles freed by actors scaled away, then reserves a
 one-bundle group per further actor (its actor starts when Ray can place it); a scaled-away actor's own
@@ -10,6 +11,8 @@ group is removed with it.
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -100,14 +103,31 @@ class Reservation:
         self.held.clear()
 
 
+def can_grow() -> bool:
+    """Whether an autoscaler may add nodes. Without one (a cluster started by `ray start` or `ray.init`) Ray's
+    monitor runs the read-only provider, whose node types are the nodes themselves ('node_<node id>'). No
+    status yet (an autoscaler still starting, or autoscaler v2, which reports elsewhere) counts as one that may."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = _internal_kv_get("__autoscaling_status")  # ray_constants.DEBUG_AUTOSCALING_STATUS
+    if not status:
+        return True
+    types = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return not types or any(not re.fullmatch(r"node_[0-9a-f]+", t) for t in types.values())
+
+
 def reserve(cfg: RunConfig, embedded: bool, log=print) -> Reservation:
-    """Reserve every pool, or fail with the shortfall and hold nothing. An embedded Ray cannot grow, so
-    there a shortfall fails at once; a cluster gets `ray.startup_timeout_s` to scale up."""
+    """Reserve every pool, or fail with the shortfall and hold nothing. An embedded Ray or a cluster without an
+    autoscaler cannot grow, so there a shortfall fails at once; one that can gets `ray.startup_timeout_s`."""
     demand = pool_demand(cfg)
     short = shortfall(demand, ray.cluster_resources())
     if short and embedded:
         raise ConfigError(f"the pools do not fit on this Ray ({short}); lower rollout.num_workers / *.num_cpus "
                           "(per-pool `num_cpus` may be fractional, e.g. 0.5) or raise ray.num_cpus")
+    if short and not can_grow():
+        raise StartupError(f"the pools do not fit the cluster ({short}) and no autoscaler can add nodes to it; add "
+                           "nodes (`ray start --address ...` on another machine), or lower the pool sizes / "
+                           "per-actor resources")
     if short:
         log(f"[ray] the pools do not fit the cluster as it is now ({short}); waiting up to "
             f"ray.startup_timeout_s={cfg.ray.startup_timeout_s:g}s for it to grow")
