@@ -1,7 +1,7 @@
 """`python -m ar2dlm_ray.validate --config FILE [key=value ...]`: the checks of a Ray training job's config, made
 where it is submitted, before anything is uploaded (deploy/submit.sh). Loads the config only (no torch, no Ray:
 about a second). Prints the job's `ray job submit` options, one a line: its submission id (<run name>-<time>,
-which also names the run's Ray namespace) and its metadata (run name, config as given, git commit). A bad key or
+which also names the run's Ray namespace) and its metadata (run name, config path, git commit). A bad key or
 value is one line on stderr and exit status 2."""
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def check_job(config: str, overrides: list[str]) -> RunConfig:
 
 
 def submit_options(cfg: RunConfig, config: str, commit: str) -> list[str]:
+    """`ray job submit` options: the submission id and the metadata (`config`: the path that resumes the run)."""
     name = cfg.logging.run_name or Path(cfg.train.out_dir).name
     job_id = re.sub(r"[^\w.-]+", "-", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     metadata = {"run_name": cfg.logging.run_name or job_id, "config": config, "git_commit": commit}
@@ -44,6 +45,7 @@ def submit_options(cfg: RunConfig, config: str, commit: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ar2dlm_ray.validate", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
+    parser.add_argument("--shown-as", default=None, help="the config's path in the metadata (default: --config)")
     parser.add_argument("--git-commit", default="unknown")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"ar2dlm: error: {exc}", file=sys.stderr)
         return 2
-    print("\n".join(submit_options(cfg, args.config, args.git_commit)))
+    print("\n".join(submit_options(cfg, args.shown_as or args.config, args.git_commit)))
     return 0
 
 

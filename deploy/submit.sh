@@ -33,19 +33,21 @@ done
 repo=$(cd "$(dirname "$0")/.." && pwd -P)
 python=$repo/.venv/bin/python
 [[ -x $python ]] || python=python3
+path=$(realpath "$config")
+entry_config=${path#"$repo"/} shown=${path#"$repo"/}  # shown: the path a resume command gives, from the repository
+if [[ $entry_config == "$path" ]] || ! git -C "$repo" ls-files --error-unmatch "$entry_config" >/dev/null 2>&1; then
+    entry_config=submitted/$(basename "$config")  # outside the repository or untracked: uploaded beside the code
+fi
 commit=$(git -C "$repo" rev-parse HEAD)$(git -C "$repo" diff --quiet HEAD || echo "-dirty")
 job=$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" -m ar2dlm_ray.validate --config "$config" \
-    --git-commit "$commit" ${overrides[@]+"${overrides[@]}"}) || exit 2
+    --shown-as "$shown" --git-commit "$commit" ${overrides[@]+"${overrides[@]}"}) || exit 2
 mapfile -t job_options <<< "$job"
 ray=$(command -v ray || echo "$repo/.venv/bin/ray")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkdir "$tmp/code"
 git -C "$repo" ls-files -z --cached | (cd "$repo" && tar --null -T - -cf -) | tar -xf - -C "$tmp/code"
-path=$(realpath "$config")
-entry_config=${path#"$repo"/}
-if [[ $entry_config == "$path" ]] || ! git -C "$repo" ls-files --error-unmatch "$entry_config" >/dev/null 2>&1; then
-    entry_config=submitted/$(basename "$config")  # outside the repository or untracked: uploaded beside the code
+if [[ $entry_config == submitted/* ]]; then
     mkdir -p "$tmp/code/submitted"
     cp "$path" "$tmp/code/$entry_config"
 fi

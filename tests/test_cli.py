@@ -33,3 +33,37 @@ def test_help_lists_every_command():
     text = _cli("--help")
     for cmd in ("convert", "sample", "train", "teacher", "eval", "demo", "bench"):
         assert cmd in text
+
+
+def test_a_stopped_run_ends_with_the_command_that_resumes_it(monkeypatch, capsys):
+    """Inside `ray job submit`: deploy/submit.sh with the config as the user gave it (the job metadata's);
+    elsewhere `ar2dlm train` (with mode=ray for the Ray entrypoint). The faults are injected into the driver:
+    a lost learner, then Ctrl-C."""
+    import ar2dlm_ray.cluster.driver as driver
+    from ar2dlm_ray import cli, train
+    from ar2dlm_ray.config import RunError
+
+    fault: list = [RunError("learner-0 failed at step 4 (ActorDiedError)", resumable=True)]
+
+    def fail(cfg, **kwargs):
+        raise fault[0]
+
+    monkeypatch.setattr(driver, "train", fail)
+    args = ["--config", "configs/micro.yaml", "train.out_dir=/tmp/runs/x"]
+
+    def last_line(code: int) -> str:
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code in (2, 130) and err, err
+        return err[-1]
+
+    assert last_line(train.main(args)) == (
+        "ar2dlm: error: learner-0 failed at step 4 (ActorDiedError); continue from the last checkpoint with: "
+        "ar2dlm train --config configs/micro.yaml train.out_dir=/tmp/runs/x mode=ray --resume")
+    assert last_line(cli.main(["train", *args, "mode=ray"])).endswith(
+        "with: ar2dlm train --config configs/micro.yaml train.out_dir=/tmp/runs/x mode=ray --resume")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {}, "metadata": {"job_submission_id": "x-20260101-000000", "config": "../mine.yaml"}}))
+    fault[0] = KeyboardInterrupt()
+    assert last_line(train.main(args)) == (
+        "ar2dlm: error: interrupted (SIGINT); the checkpoints written so far are whole; continue from the last "
+        "checkpoint with: deploy/submit.sh ../mine.yaml train.out_dir=/tmp/runs/x --resume")

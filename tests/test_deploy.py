@@ -289,11 +289,13 @@ def test_submit_validates_before_uploading_and_sends_id_metadata_and_ray_options
                          (["train.out_dir=/mnt/x", "train.lr=-1"], "train.lr: ")):
         start = cpu_s()
         proc = submit("configs/micro.yaml", *args)
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and wanted in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and wanted in lines[0], proc.stderr
         assert cpu_s() - start < 2 and not record.with_suffix(".args").exists()
     mine = tmp_path / "elsewhere" / "mine.yaml"
     mine.parent.mkdir()
-    mine.write_text((ROOT / "configs" / "micro.yaml").read_text().replace("out_dir: runs/micro", "out_dir: /mnt/x/mine"))
+    micro = (ROOT / "configs" / "micro.yaml").read_text()
+    mine.write_text(micro.replace("out_dir: runs/micro", "out_dir: /mnt/x/mine"))
     proc = submit("mine.yaml", "train.max_steps=2", "--no-wait", "--entrypoint-num-cpus", "1", "--resume",
                   cwd=mine.parent)
     assert proc.returncode == 0, proc.stderr
@@ -306,7 +308,7 @@ def test_submit_validates_before_uploading_and_sends_id_metadata_and_ray_options
     job_id = next(o for o in options if o.startswith("--submission-id=")).partition("=")[2]
     metadata = json.loads(next(o for o in options if o.startswith("--metadata-json=")).partition("=")[2])
     assert re.fullmatch(r"mine-\d{8}-\d{6}", job_id) and metadata["run_name"] == job_id
-    assert metadata["config"] == "mine.yaml" and re.fullmatch(r"[0-9a-f]{40}(-dirty)?", metadata["git_commit"])
+    assert metadata["config"] == str(mine) and re.fullmatch(r"[0-9a-f]{40}(-dirty)?", metadata["git_commit"])
 
 
 def test_shipped_cluster_files_keep_token_authentication_on():
@@ -340,9 +342,9 @@ def test_images_run_as_a_user_not_root():
 
 
 def test_readme_recipe_stops_only_its_own_head_and_keeps_data_out_of_the_repository():
-    text = (ROOT / "README.md").read_text()
-    recipe = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "ray start --head" in b and "submit.sh" in b)
-    lines = [line.split("  #")[0].strip() for line in recipe.splitlines() if line.strip() and not line.startswith("#")]
+    from test_ray_job import _readme_cluster_commands
+
+    text, lines = (ROOT / "README.md").read_text(), _readme_cluster_commands()
     assert not any(re.search(r"\bray stop\b", line) for line in lines), lines
     start = next(line for line in lines if "ray start --head" in line)
     assert "--block" in start and start.endswith("&") and lines[lines.index(start) + 1] == "head=$!"

@@ -196,7 +196,9 @@ def test_two_runs_share_a_cluster_and_a_third_with_a_taken_name_is_refused(micro
 
         runs = {"a": driver("a", "logging.run_name=shared"), "b": driver("b"),
                 "c": driver("c", "logging.run_name=shared")}
+        shown = _pools_while_running(dash, port, env, runs)
         done = {name: (proc.communicate(timeout=400), proc.returncode) for name, proc in runs.items()}
+    assert shown["which"] and shown["shared"], shown  # `ar2dlm pools` told the two runs apart, by the dashboard URL
     failed = [name for name, (_, rc) in done.items() if rc != 0]
     assert len(failed) == 1 and failed[0] in "ac", {n: (rc, err[-3000:]) for n, ((_, err), rc) in done.items()}
     (_, err), rc = done[failed[0]]
@@ -210,6 +212,25 @@ def test_two_runs_share_a_cluster_and_a_third_with_a_taken_name_is_refused(micro
         assert summary["steps"] == 2
         _check_accounting(summary, _metrics(tmp_path / name), 8)
     assert not (tmp_path / failed[0] / "metrics.jsonl").exists()  # refused before any work
+
+
+def _pools_while_running(dash: int, port: int, env: dict, runs: dict) -> dict:
+    """`ar2dlm pools show` by the dashboard URL while the runs go on: without --run it names the runs on the
+    cluster; with --run shared it names the cluster and the run and shows that run's pools."""
+    shown: dict = {"which": None, "shared": None}
+    url = f"http://127.0.0.1:{dash}"
+    while not all(shown.values()) and any(proc.poll() is None for proc in runs.values()):
+        which = subprocess.run([sys.executable, "-m", "ar2dlm_ray.cli", "pools", "show", "--address", url],
+                               env=env, capture_output=True, text=True, timeout=120)
+        if re.search(rf"which run on the Ray cluster at [\d.]+:{port}\? the runs there: b-\d{{8}}-\d{{6}}, shared;",
+                     which.stderr):
+            shown["which"] = which.stderr
+        one = subprocess.run([sys.executable, "-m", "ar2dlm_ray.cli", "pools", "show", "--address", url, "--run",
+                              "shared"], env=env, capture_output=True, text=True, timeout=120)
+        named = rf"\[pools\] cluster at [\d.]+:{port} \(dashboard {url}\), run 'shared'"
+        if one.returncode == 0 and re.fullmatch(named, one.stdout.partition("\n")[0]):
+            shown["shared"] = json.loads(one.stdout[one.stdout.index("{"):])
+    return shown
 
 
 def _readme_cluster_commands() -> list[str]:

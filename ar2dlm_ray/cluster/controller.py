@@ -109,7 +109,8 @@ def connect_to_job(address: str, run: str | None, log=print):
         if not gcs.startswith("ray://"):
             wait_until_reachable(gcs, 10.0)
         ray.init(address=gcs, log_to_driver=False, logging_level="ERROR")
-    runs = sorted(a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == CONTROLLER_NAME)
+    named = ray.util.list_named_actors(all_namespaces=True)
+    runs = sorted(a["namespace"] for a in named if a["name"] == CONTROLLER_NAME)
     if run is None and len(runs) == 1:
         run = runs[0]
     if run is None or run not in runs:

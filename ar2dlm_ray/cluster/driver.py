@@ -407,9 +407,10 @@ def _holder(space: str) -> str:
         from ray.util.state import list_actors, list_jobs
 
         gcs = ray.get_runtime_context().gcs_address
+        # Not only ALIVE: a run starting at the same moment holds the name before its controller is up.
         actor = list_actors(gcs, filters=[("name", "=", CONTROLLER_NAME), ("ray_namespace", "=", space),
-                                          ("state", "=", "ALIVE")], timeout=5)[0]
-        job = next(j for j in list_jobs(gcs, timeout=5) if j.job_id == actor.job_id)
+                                          ("state", "!=", "DEAD")], timeout=10)[0]
+        job = next(j for j in list_jobs(gcs, timeout=10) if j.job_id == actor.job_id)
         meta = job.metadata or {}
         parts = [f"submission {job.submission_id}" if job.submission_id else f"driver pid {job.driver_info.pid}",
                  f"run {meta.get('run_name') or space}", *([f"config {meta['config']}"] if "config" in meta else [])]
