@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from collections.abc import Iterator
-
 from torch.distributed.tensor import DTensor
 
 from .config import RunConfig
@@ -40,18 +38,22 @@ def minibatches(n: int, k: int) -> list[range]:
     return [range(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
-def shard(student: Student, compute_dtype: torch.dtype) -> None:
+def shard(student: Student, compute_dtype: torch.dtype, device: str = "cpu") -> None:
     """FSDP2 over the current process group, in place: every decoder layer (the model's `_no_split_modules`)
-    and then the root is a unit; parameters become float32 shards, computed in `compute_dtype`."""
+    and then the root is a unit; parameters become float32 shards on `device`, computed in `compute_dtype`.
+    A model on the CPU moves to `device` shard by shard: no GPU ever holds the whole float32 model."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = student.model.float()
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     layers = set(getattr(model, "_no_split_modules", None) or ())
     for module in list(model.modules()):
         if type(module).__name__ in layers:
-            fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     student.compute_dtype = compute_dtype
 
 
@@ -59,14 +61,11 @@ def is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) for every entry of the model's state, one at a time, floating ones in `dtype`. A
-    sharded entry is all-gathered: a collective, so every rank must run through all of them in this order.
-    At most one full float32 tensor exists at a time, never a float32 copy of the model."""
-    for name, t in model.state_dict().items():
-        if isinstance(t, DTensor):
-            t = t.full_tensor()
-        yield name, t.detach().to(dtype) if t.is_floating_point() else t.detach()
+def full_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A state entry in full, floating ones in `dtype`: a shard is all-gathered (a collective: every rank must
+    gather the same entries in the same order). One entry at a time, never a float32 copy of the model."""
+    t = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+    return t.to(dtype) if t.is_floating_point() else t
 
 
 class Learner:

@@ -220,6 +220,27 @@ def save_dir(where: str, save: Callable[[Path], object]) -> None:
         _put(Path(tmp) / "dir", fs, path)
 
 
+def save_parts(where: str, save: Callable[[Path], object]) -> None:
+    """`save(path)` writes this process's part of a directory that several processes write together (each
+    rank's shards); to `where`, a path or a storage URI. With a URI each process uploads only the files it
+    wrote, never removing the others'."""
+    if not URI.match(where):
+        save(Path(where))
+        return
+    fs, path = open_uri(where)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(Path(tmp) / "dir")
+        fs.create_dir(path, recursive=True)
+        for part in (Path(tmp) / "dir").iterdir():
+            _put(part, fs, f"{path.rstrip('/')}/{part.name}")
+
+
+def sibling(where: str, name: str) -> str:
+    """The entry `name` beside `where` (a path, or a storage URI whose query, e.g. ?region=, stays at the end)."""
+    base, sep, query = str(where).partition("?") if URI.match(str(where)) else (str(where), "", "")
+    return f"{posixpath.dirname(base.rstrip('/'))}/{name}{sep}{query}"
+
+
 @contextmanager
 def local_dir(where: str) -> Iterator[Path]:
     """The directory at `where`, a path or a storage URI (then downloaded to a temporary directory)."""

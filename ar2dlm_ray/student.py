@@ -170,12 +170,15 @@ class Student:
         logits, _ = self.forward(batch.input_ids, batch.positions, batch.allowed, logits_to_keep=keep)
         return logits[rows, torch.searchsorted(keep, cols)]
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write an ordinary HF directory plus our settings, atomically (temp dir, then rename)."""
-        return save_hf_dir(self.model, self.tokenizer, out_dir, {SPEC_FILE: json.dumps(asdict(self.spec), indent=2)})
+    def save(self, out_dir: str | Path, state: dict | None = None) -> Path:
+        """Write an ordinary HF directory plus our settings, atomically (temp dir, then rename). `state`: the
+        weights to write instead of the model's own (a sharded model's, gathered)."""
+        return save_hf_dir(self.model, self.tokenizer, out_dir, {SPEC_FILE: json.dumps(asdict(self.spec), indent=2)},
+                           state)
 
 
-def save_hf_dir(model, tokenizer, out_dir: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+def save_hf_dir(model, tokenizer, out_dir: str | Path, extra_files: dict[str, str] | None = None,
+                state: dict | None = None) -> Path:
     """Save model + tokenizer (+ extra text files) into a temporary sibling, then rename it into place,
     so that a crash never leaves a half-written model directory. An existing `out_dir` is replaced only
     when it is empty or an earlier output of ar2dlm (its marker): never a directory of someone else's files."""
@@ -187,7 +190,7 @@ def save_hf_dir(model, tokenizer, out_dir: str | Path, extra_files: dict[str, st
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     aside = tmp.with_name(tmp.name + "-old")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({} if state is None else {"state_dict": state}))
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

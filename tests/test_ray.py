@@ -162,13 +162,13 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
     try:
         before = {a["pid"] for a in trainer.placement["teacher"] + trainer.placement["rollout"]}
         # A rollout from a long-gone weight version arrives first: it must be regenerated, not trained on.
-        ray.get(trainer.learners[0].publish.remote(0))
+        trainer.on_learners("publish", 0)
         stale = ray.get(trainer.workers[0].produce.remote(50, 0, to_queue=False))
         stale.stats.version = -5
         trainer.queue.put(stale)
         summary = trainer.run()
         after = {pid_once_up(a) for a in trainer.teachers + trainer.workers}
-        weights = ray.get([lw.state.remote() for lw in trainer.learners])
+        states = ray.get([lw.state.remote() for lw in trainer.learners])
     finally:
         trainer.close()
     acc = summary["accounting"]
@@ -181,9 +181,8 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
     assert len(before & after) == 2, "the two killed actors were restarted in new processes"
     assert acc["rolled_out"] >= acc["trained_on"] > 0 and acc["scored"] == acc["rolled_out"]
     assert (tmp_path / "checkpoints" / "latest.json").is_file()
-    # Both ranks took identical optimiser steps (same averaged gradients).
-    s0, s1 = (w["optimizer"]["state"] for w in weights)
-    assert all((s0[k]["exp_avg"] - s1[k]["exp_avg"]).abs().max() == 0 for k in s0)
+    # The ranks hold shards of one model (the optimiser state is in the sharded checkpoint) and stepped together.
+    assert all(s["optimizer"] is None for s in states) and states[0]["scheduler"] == states[1]["scheduler"]
 
 
 @pytest.mark.slow
@@ -194,7 +193,7 @@ def test_stale_batch_is_dropped_and_duplicates_are_discarded(micro_teacher, tmp_
         "train.max_steps": 3, "learner.max_staleness": 1, "learner.stale_policy": "drop"}))
     trainer = RayTrainer(cfg, lambda *a: None)
     try:
-        ray.get(trainer.learners[0].publish.remote(0))
+        trainer.on_learners("publish", 0)
         stale = ray.get(trainer.workers[0].produce.remote(50, 0, to_queue=False))
         stale.stats.version = -5
         trainer.queue.put(stale)

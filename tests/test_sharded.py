@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ar2dlm_ray.learner import Learner, full_tensors, shard
+from ar2dlm_ray.cluster.weights import WeightSource
+from ar2dlm_ray.learner import Learner, shard
 from ar2dlm_ray.student import convert
 
 from conftest import tiny_causal_lm
@@ -56,7 +57,7 @@ def _rank(rank: int, world: int, port: int, tokenizer, dtype, out: str) -> None:
     losses = []
     for step, row in enumerate(_batches(student.spec.teacher_vocab_size, world)):
         losses.append([u["loss"] for u in learner.train_step(*row[rank], step)["updates"]])
-    weights = dict(full_tensors(student.model, torch.float32))
+    weights = WeightSource.gathered(student.model, torch.float32).state_dict()  # what publication sends
     everyone = [None] * world
     dist.all_gather_object(everyone, losses)
     if rank == 0:
@@ -80,14 +81,8 @@ def _local(tokenizer, dtype, world: int):
     learner.grad_hook = lambda: grads.append({n: p.grad.float().clone()
                                               for n, p in student.model.named_parameters() if p.grad is not None})
     losses = []
-    half = PER_RANK // 2
     for step, row in enumerate(_batches(student.spec.teacher_vocab_size, world)):
-        rollouts, targets = [], []
-        for part in (slice(0, half), slice(half, PER_RANK)):
-            for r, t in row:
-                rollouts += r[part]
-                targets += t[part]
-        losses.append([u["loss"] for u in learner.train_step(rollouts, targets, step)["updates"]])
+        losses.append([u["loss"] for u in learner.train_step(*_interleaved(row), step)["updates"]])
     return losses, {k: v.float() for k, v in student.model.state_dict().items()}, grads[0]
 
 
@@ -121,3 +116,67 @@ def test_bf16_sharded_gradients_match_the_local_bf16_learner(tokenizer, tmp_path
     for name, g in want.items():
         error = float((got[name] - g).norm() / g.norm().clamp_min(1e-12))
         assert error < 2e-2, (name, error)  # bf16 keeps 8 bits: per-tensor relative error of a few 1e-3
+
+
+def _resharded_rank(rank: int, world: int, port: int, tokenizer, ckpt: str, phase: str, out: str) -> None:
+    """phase "save": `world` ranks train step 0, write the sharded checkpoint, then train steps 1-2 on their own
+    batches. phase "resume": `world` ranks (another number) load it and train steps 1-2 on the same rollouts,
+    split their way."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    student = _student(tokenizer, torch.float32)
+    shard(student, torch.float32)
+    per_rank = 2 * PER_RANK // world  # the two saving ranks' rollouts, shared among `world` ranks
+    learner = Learner(student, _cfg(rollout_batch_size=per_rank, minibatch_size=per_rank // 2, micro_batch_size=1),
+                      total_steps=STEPS)
+    batches = _batches(student.spec.teacher_vocab_size, 2)
+    if phase == "save":
+        learner.train_step(*batches[0][rank], 0)
+        dcp.save(learner.sharded_state(), checkpoint_id=ckpt)
+        if rank == 0:
+            torch.save(learner.state_dict(), f"{ckpt}/schedule.pt")
+    else:
+        state = learner.sharded_state()
+        dcp.load(state, checkpoint_id=ckpt)
+        learner.load_sharded_state(state)
+        learner.load_state_dict(torch.load(f"{ckpt}/schedule.pt", weights_only=True))
+    losses = []
+    for step in (1, 2):
+        if phase == "save":
+            rollouts, targets = batches[step][rank]
+        else:
+            rollouts, targets = _interleaved(batches[step])
+            rollouts, targets = rollouts[rank * per_rank:][:per_rank], targets[rank * per_rank:][:per_rank]
+        losses.append([u["loss"] for u in learner.train_step(rollouts, targets, step)["updates"]])
+    everyone = [None] * world
+    dist.all_gather_object(everyone, losses)
+    if rank == 0:
+        torch.save(everyone, out)
+    dist.destroy_process_group()
+
+
+def _interleaved(row):
+    """Both ranks' rollouts of one step as one list, minibatch m of every rank together (see `_local`)."""
+    half = PER_RANK // 2
+    rollouts, targets = [], []
+    for part in (slice(0, half), slice(half, PER_RANK)):
+        for r, t in row:
+            rollouts += r[part]
+            targets += t[part]
+    return rollouts, targets
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_exactly_on_another_number_of_ranks(tokenizer, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    saved, resumed = tmp_path / "saved.pt", tmp_path / "resumed.pt"
+    mp.spawn(_resharded_rank, args=(2, _free_port(), tokenizer, ckpt, "save", str(saved)), nprocs=2, join=True)
+    mp.spawn(_resharded_rank, args=(1, _free_port(), tokenizer, ckpt, "resume", str(resumed)), nprocs=1, join=True)
+    two, one = torch.load(saved), torch.load(resumed)
+    for step in range(2):  # the second step's loss depends on the AdamW moments read back from the shards
+        for u in range(2):
+            mean = (two[0][step][u] + two[1][step][u]) / 2
+            assert abs(one[0][step][u] - mean) < 1e-5, (step, u, one[0][step][u], mean)

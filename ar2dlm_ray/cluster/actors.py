@@ -6,8 +6,10 @@
 - RolloutWorker: a student copy; `produce(batch_index, min_version)` adopts the newest weights (at least
   `min_version`), rolls out with the core sources and hands the batch to `score-queue` (or, for recipes
   without teacher targets, to the learners' queue); it is free for its next batch at once.
-- LearnerWorker: one rank of the learner group; `train(step)` takes a rollout batch from the queue,
-  checks its staleness and runs `Learner.train_step`; rank 0 publishes weights.
+- LearnerWorker: one rank of the learner group (sharded with FSDP2 once the group exists, a group of one
+  included); `train(step)` takes a rollout batch from the queue, checks its staleness and runs
+  `Learner.train_step`. Publishing and checkpointing gather the shards, so every rank takes part; rank 0
+  hands the weights to the transport and writes the student.
 """
 
 from __future__ import annotations
@@ -15,23 +17,26 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from ..learner import Learner
+from ..config import RunError
+from ..learner import Learner, is_sharded, shard
 from ..rollout import RECIPES, X0Producer
-from ..runs import local_dir, save_dir
+from ..runs import local_dir, save_dir, save_parts
 from ..teacher import build_teacher
 from ..models import build_student, param_count
+from ..student import resolve_device
 from .admission import Admission
 from .controller import current_members
 from .delivery import LEDGER_NAME
 from .messages import ProduceStats, RolloutBatch, ScoreStats
 from .metrics import Metrics
 from .rendezvous import host_store, join_store
-from .weights import REGISTRY_NAME, build_transport
+from .weights import REGISTRY_NAME, WeightSource, build_transport
 
 
 def _setup_process(threads: int) -> None:
@@ -249,7 +254,8 @@ class LearnerWorker:
         _setup_process(cfg.ray.actor_threads)
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.rank, self.world, self.queue = cfg, rank, world, queue
-        self.student, self.learner = self.build_learner(cfg, teacher_path, total_steps)
+        self.student = self.build_student(cfg, teacher_path)
+        self.learner = None  # built by init_group: sharding needs the process group
         self.admission = Admission.from_config(cfg, total_steps)
         self.total_steps, self.prefetched = total_steps, None
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
@@ -258,10 +264,15 @@ class LearnerWorker:
         self.metrics = Metrics("learner", cfg.logging.run_name)
         self.stores: dict = {}  # port -> hosted store, until this rank joins its group
 
-    def build_learner(self, cfg, teacher_path: str, total_steps: int):
-        """The student and its learner (stand-ins in the orchestration benchmark)."""
-        student = build_student(cfg, teacher_path)
-        return student, Learner(student, cfg, total_steps)
+    def build_student(self, cfg, teacher_path: str):
+        """The student in float32 on the CPU, to be sharded (a stand-in in the orchestration benchmark)."""
+        model = cfg.model.model_copy(update={"dtype": "float32", "device": "cpu"})
+        return build_student(cfg.model_copy(update={"model": model}), teacher_path)
+
+    def build_learner(self):
+        """FSDP2 over the group: float32 shards (the master weights) on model.device, compute in model.dtype."""
+        shard(self.student, getattr(torch, self.cfg.model.dtype), str(resolve_device(self.cfg.model.device)))
+        return Learner(self.student, self.cfg, self.total_steps)
 
     def info(self) -> dict:
         return {**_where(), "params": param_count(self.student.model)}
@@ -282,51 +293,64 @@ class LearnerWorker:
 
         backend = self.cfg.learner.backend
         if backend == "auto":
-            backend = "nccl" if self.student.device.type == "cuda" else "gloo"
+            backend = "nccl" if resolve_device(self.cfg.model.device).type == "cuda" else "gloo"
         dist.init_process_group(backend, store=self._store(addr, port, self.rank, self.world), rank=self.rank,
                                 world_size=self.world)
-        with torch.no_grad():  # every rank starts from rank 0's weights
-            for p in self.student.model.parameters():
-                dist.broadcast(p.data, 0)
-        self.learner.reset_master()
-        self.learner.grad_hook = self._all_reduce_grads
-
-    def _all_reduce_grads(self) -> None:
-        """DDP's averaging in one flat bucket: each rank trained on its own rollout batch."""
-        import torch.distributed as dist
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        params = [p for p in self.student.model.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat /= self.world
-        for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
-            p.grad = g
+        # Every rank loaded the same student; each keeps its shard of it.
+        self.learner = self.build_learner()
 
     def join_weights(self, addr: str, port: int, rank: int, world: int) -> None:
-        self.transport.join(self._store(addr, port, rank, world), rank, world, self.student.model)
+        self.transport.join(self._store(addr, port, rank, world), rank, world, self._weights())
 
     # ---- weights and checkpoints --------------------------------------------------------------------
-    def publish(self, version: int) -> float:
-        seconds = self.transport.publish(self.student.model, version)
+    def _weights(self):
+        """What the transport publishes: the model, or (sharded) its full weights gathered tensor by tensor."""
+        model = self.student.model
+        return WeightSource.gathered(model, self.student.dtype) if is_sharded(model) else model
+
+    def publish(self, version: int) -> float | None:
+        """Every rank takes part (the gathers are collectives); rank 0 publishes."""
+        weights = self._weights()
+        if self.rank != 0:
+            WeightSource.drain(weights)
+            return None
+        seconds = self.transport.publish(weights, version)
         self.metrics.set("weight_version", version)
         self.metrics.set("weight_publish_s", seconds)
         return seconds
 
-    def load(self, student_dir: str, state: dict) -> None:
-        """`student_dir`: a path, or a storage URI (downloaded on this node)."""
-        from ..student import load_student
+    def load(self, shards: str, state: dict) -> None:
+        """A checkpoint's sharded learner state (its learner/ directory, written by `save_checkpoint` on any
+        number of ranks: torch.distributed.checkpoint reshards it); `shards` is a path or a storage URI
+        (downloaded on this node)."""
+        import torch.distributed.checkpoint as dcp
 
-        cfg = self.cfg
-        with local_dir(student_dir) as path:
-            loaded = load_student(path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
-        self.student.model.load_state_dict(loaded.model.state_dict())
+        with local_dir(shards) as path:
+            if not (Path(path) / ".metadata").is_file():
+                raise RunError(f"{shards} holds no sharded learner state (.metadata): the checkpoint was written "
+                               f"before the sharded learner; resume it with the version that wrote it")
+            sharded = self.learner.sharded_state()
+            dcp.load(sharded, checkpoint_id=str(path))
+        self.learner.load_sharded_state(sharded)
         self.learner.load_state_dict(state)
 
     def save(self, out_dir: str) -> None:
-        """`out_dir`: a path, or a storage URI (uploaded from this node, which may not be the driver's)."""
-        save_dir(out_dir, self.student.save)
+        """The student as a Hugging Face directory; every rank gathers, rank 0 writes. `out_dir`: a path, or a
+        storage URI (uploaded from this node, which may not be the driver's)."""
+        weights = self._weights()
+        if self.rank != 0:
+            WeightSource.drain(weights)
+            return
+        state = weights.state_dict() if isinstance(weights, WeightSource) else None
+        save_dir(out_dir, lambda path: self.student.save(path, state))
+
+    def save_checkpoint(self, student: str, shards: str) -> None:
+        """The student (rank 0) and the learner's shards: every rank's float32 parameter shards and AdamW state
+        (torch.distributed.checkpoint, one file per rank, written in parallel). Paths or storage URIs."""
+        import torch.distributed.checkpoint as dcp
+
+        self.save(student)
+        save_parts(shards, lambda path: dcp.save(self.learner.sharded_state(), checkpoint_id=str(path)))
 
     def state(self) -> dict:
         return self.learner.state_dict()
@@ -411,7 +435,7 @@ class LearnerWorker:
         out = self.learner.train_step(rollouts, targets, step)
         now = time.perf_counter()
         publish_s = None
-        if self.rank == 0 and (step + 1) % self.cfg.learner.publish_every == 0:
+        if (step + 1) % self.cfg.learner.publish_every == 0:
             publish_s = self.publish(step + 1)
         lag = step - produced.version
         self.metrics.set("learner_step_s", now - t_data)

@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError
 from ..config import ConfigError, RunConfig, RunError, StartupError, dump_config
 from ..progress import Progress
 from ..rollout import RECIPES
-from ..runs import RunStorage, StopRequest, check_run_dir, checkpoint_due, flops, prepare_run_dir
+from ..runs import RunStorage, StopRequest, check_run_dir, checkpoint_due, flops, prepare_run_dir, sibling
 from ..tracking import Tracker, run_name
 from ..models import resolve_teacher_path
 from .actors import LearnerWorker, RolloutWorker, TeacherServer
@@ -148,9 +148,9 @@ class RayTrainer:
             cfg, self.teacher_path, r, world, self.total_steps, self.queue, self.producers.pools["rollout"].names())
             for r in range(world)]
         self.placement["learner"] = _started(self.learners, [f"learner-{r}" for r in range(world)])
-        if world > 1:
-            addr, port = ray.get(self.learners[0].rendezvous.remote(world))
-            ray.get([lw.init_group.remote(addr, port) for lw in self.learners])
+        # A group of one too: the learner is sharded (FSDP2) at any size, one code path.
+        addr, port = ray.get(self.learners[0].rendezvous.remote(world))
+        ray.get([lw.init_group.remote(addr, port) for lw in self.learners])
         if cfg.learner.transport == "collective":
             size = len(self.workers) + 1
             addr, port = ray.get(self.learners[0].rendezvous.remote(size))
@@ -201,7 +201,7 @@ class RayTrainer:
             self._resume(*resumed)
         self.admission = Admission.from_config(cfg, self.total_steps, start_step=self.step)
         self.producers.begin(self.admission, self.start_batch, self.step)
-        ray.get(self.learners[0].publish.remote(self.step))
+        self.on_learners("publish", self.step)
         self.log(f"[train] mode=ray recipe={cfg.train.recipe} steps={self.total_steps} "
                  f"pools: rollout={self.producers.pools['rollout'].size} teacher={self.producers.pools['teacher'].size} "
                  f"learner={len(self.learners)} student={self.n_student / 1e6:.2f}M params start_step={self.step}")
@@ -239,7 +239,7 @@ class RayTrainer:
         tracker.close()
         self.producers.finish()
         final = self.run_dir.location("final")
-        ray.get(self.learners[0].save.remote(final))
+        self.on_learners("save", final)
         left = self._drain_queue()  # before the accounting is copied: it counts them
         summary = {"final_student": final, "steps": self.step, "accounting": dict(self.accounting),
                    "placement": self.placement, "teacher_load": self.producers.teacher_load,
@@ -348,14 +348,21 @@ class RayTrainer:
                  "rng": torch.get_rng_state(), "accounting": dict(self.accounting), "config": dump_config(self.cfg),
                  "delivery": ray.get(self.ledger.snapshot.remote(next_batch))}
         self.run_dir.persist(self.cfg.logging.metrics_file, "tensorboard")  # with a storage URI: the metrics up to here
-        # Learner rank 0 writes the student on its own node: to the URI itself, or to a path every node mounts.
-        return self.run_dir.write_checkpoint(self.step, lambda where: ray.get(self.learners[0].save.remote(where)),
-                                         state, self.cfg.train.keep_checkpoints)
+        # The learners write on their own nodes (rank 0 the student, every rank its shards): to the URI itself,
+        # or to a path every node mounts.
+        return self.run_dir.write_checkpoint(
+            self.step, lambda where: self.on_learners("save_checkpoint", where, sibling(where, "learner")),
+            state, self.cfg.train.keep_checkpoints)
+
+    def on_learners(self, method: str, *args):
+        """Call every learner (gathering the shards is a collective of the group); rank 0's answer."""
+        return ray.get([getattr(lw, method).remote(*args) for lw in self.learners])[0]
 
     def _resume(self, ckpt: Path, state: dict) -> None:
-        # From a storage URI each learner downloads the student on its own node.
-        student = self.run_dir.location(f"checkpoints/{ckpt.name}/student")
-        ray.get([lw.load.remote(student, state) for lw in self.learners])
+        # Each learner reads the shards on its own node (from a storage URI: downloads them), on any number of
+        # learners: torch.distributed.checkpoint reshards.
+        shards = self.run_dir.location(f"checkpoints/{ckpt.name}/learner")
+        ray.get([lw.load.remote(shards, state) for lw in self.learners])
         self.step, self.start_batch = state["step"], state["next_batch"]
         self.accounting.update(state["accounting"])
         ray.get(self.ledger.restore.remote(state.get("delivery", {})))  # summary.json counts the whole run

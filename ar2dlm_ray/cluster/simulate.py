@@ -114,7 +114,7 @@ class SimStudent:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, state: dict | None = None) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), path / "sim_student.pt")
@@ -164,7 +164,7 @@ class SimTeacherBackend:
 
 class SimLearnerCore:
     """Learner's interface: `train_step` (taking `sim.train_s`, with the group's gradient all-reduce when
-    there is a group), `state_dict` / `load_state_dict`, `reset_master`, `grad_hook`."""
+    there is a group), `state_dict` / `load_state_dict`, `sharded_state` / `load_sharded_state`, `grad_hook`."""
 
     def __init__(self, student: SimStudent, sim: Sim):
         self.student, self.sim = student, sim
@@ -193,8 +193,11 @@ class SimLearnerCore:
     def load_state_dict(self, state: dict) -> None:
         self.steps = state["sim_steps"]
 
-    def reset_master(self) -> None:
-        pass
+    def sharded_state(self) -> dict:
+        return {"sim_steps": torch.tensor(self.steps)}
+
+    def load_sharded_state(self, state: dict) -> None:
+        self.steps = int(state["sim_steps"])
 
 
 # ---- the actor classes -------------------------------------------------------------------------------
@@ -215,9 +218,21 @@ class SimRollout(RolloutWorker):
 class SimLearner(LearnerWorker):
     sim: Sim
 
-    def build_learner(self, cfg, teacher_path: str, total_steps: int):
-        student = SimStudent(self.sim)
-        return student, SimLearnerCore(student, self.sim)
+    def build_student(self, cfg, teacher_path: str):
+        return SimStudent(self.sim)
+
+    def build_learner(self):
+        core = SimLearnerCore(self.student, self.sim)
+        if self.world > 1:
+            core.grad_hook = lambda: _reduce_like_gradients(self.student.model)
+        return core
+
+
+def _reduce_like_gradients(model) -> None:
+    """The stand-in's gradient reduction: one all-reduce of the model's size, so the ranks step together."""
+    import torch.distributed as dist
+
+    dist.all_reduce(torch.zeros(sum(p.numel() for p in model.parameters())))
 
 
 def roles(sim: Sim) -> Roles:

@@ -11,6 +11,9 @@ min_version)` on a worker):
   broadcasts the newest snapshot; a receiver thread on each worker stages it. Its membership is fixed:
   a restarted rollout worker cannot rejoin (use object_store where workers may die).
 Either way `publish` blocks the learner only for one copy of the weights into a reused snapshot.
+
+What is published is a WeightSource: a model's own state, or the full weights of a sharded (FSDP2) learner,
+gathered one tensor at a time straight into the snapshot, so that no rank ever holds a full copy on its GPU.
 """
 
 from __future__ import annotations
@@ -56,19 +59,68 @@ class WeightRegistry:
         return self.newest
 
 
-def _by_dtype(state: dict) -> list[tuple[torch.dtype, list[str]]]:
-    """The state dict's keys grouped by dtype (in order), one flat buffer each."""
+class WeightSource:
+    """The weights a transport publishes: every entry's shape and dtype known up front (`meta`), each tensor
+    read by key. Gathered from shards, a read is a collective: every rank must read the same keys in the same
+    order (`order`, the transports' packing order; `drain` on ranks that publish nothing)."""
+
+    def __init__(self, meta: dict[str, tuple[tuple, torch.dtype]], read, on_gpu: bool):
+        self.meta, self._read, self.on_gpu = meta, read, on_gpu
+
+    @classmethod
+    def of_model(cls, model) -> "WeightSource":
+        state = model.state_dict()
+        return cls({k: (tuple(t.shape), t.dtype) for k, t in state.items()}, state.__getitem__,
+                   any(t.is_cuda for t in state.values()))
+
+    @classmethod
+    def gathered(cls, model, dtype: torch.dtype) -> "WeightSource":
+        """A sharded model's full weights, floating entries in `dtype` (at most one full tensor at a time)."""
+        from ..learner import full_tensor
+
+        state = model.state_dict()  # DTensor shards: nothing gathered yet
+        meta = {k: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for k, t in state.items()}
+        return cls(meta, lambda key: full_tensor(state[key], dtype), any(t.is_cuda for t in state.values()))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._read(key)
+
+    def order(self) -> list[str]:
+        return [key for _, keys in _by_dtype(self.meta) for key in keys]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every entry, on the CPU (what rank 0 writes as a Hugging Face directory)."""
+        return {key: self[key].cpu() for key in self.order()}
+
+    @staticmethod
+    def drain(weights) -> None:
+        """Take part in a gathered source's collectives without keeping anything (ranks other than 0)."""
+        if isinstance(weights, WeightSource):
+            for key in weights.order():
+                weights[key]
+
+
+def as_source(weights) -> WeightSource:
+    return weights if isinstance(weights, WeightSource) else WeightSource.of_model(weights)
+
+
+def _by_dtype(meta: dict[str, tuple[tuple, torch.dtype]]) -> list[tuple[torch.dtype, list[str]]]:
+    """The keys grouped by dtype (in order), one flat buffer each."""
     groups: dict[torch.dtype, list[str]] = {}
-    for key, t in state.items():
-        groups.setdefault(t.dtype, []).append(key)
+    for key, (_, dtype) in meta.items():
+        groups.setdefault(dtype, []).append(key)
     return list(groups.items())
 
 
-def _pack(state: dict, keys: list[str], flat: torch.Tensor) -> None:
-    """The tensors `keys` of `state`, one after another, into `flat` (on the CPU; from any device)."""
+def _numel(shape: tuple) -> int:
+    return int(torch.Size(shape).numel())
+
+
+def _pack(source: WeightSource, keys: list[str], flat: torch.Tensor) -> None:
+    """The tensors `keys` of `source`, one after another, into `flat` (on the CPU; from any device)."""
     offset = 0
     for key in keys:
-        t = state[key].detach()
+        t = source[key].detach()
         flat[offset:offset + t.numel()].view(t.shape).copy_(t)
         offset += t.numel()
 
@@ -83,12 +135,11 @@ def _unpack(flat: torch.Tensor, state: dict, keys: list[str]) -> None:
             offset += t.numel()
 
 
-def _flat_for(state: dict, keys: list[str]) -> torch.Tensor:
+def _flat_for(source: WeightSource, keys: list[str]) -> torch.Tensor:
     """A flat CPU buffer for `keys` (pinned when they live on a GPU, for fast copies to and from it). Zeroed:
     its pages are mapped now, not on the first publication (which would then take twice as long)."""
-    first = state[keys[0]]
-    return torch.zeros(sum(state[k].numel() for k in keys), dtype=first.dtype,
-                       pin_memory=first.is_cuda and torch.cuda.is_available())
+    return torch.zeros(sum(_numel(source.meta[k][0]) for k in keys), dtype=source.meta[keys[0]][1],
+                       pin_memory=source.on_gpu and torch.cuda.is_available())
 
 
 class ObjectStoreTransport:
@@ -117,9 +168,9 @@ class ObjectStoreTransport:
         start = time.perf_counter()
         if self.error is not None:
             raise RuntimeError("the weight publication thread failed") from self.error
-        state = model.state_dict()
+        state = as_source(model)
         if self.layout is None:
-            self.layout = _by_dtype(state)
+            self.layout = _by_dtype(state.meta)
             self.snapshots = [[_flat_for(state, keys) for _, keys in self.layout] for _ in range(2)]
             threading.Thread(target=self._guarded, daemon=True, name="weights-put").start()
         with self.cond:
@@ -193,14 +244,14 @@ class CollectiveTransport:
 
     def join(self, store, rank: int, world: int, model) -> None:
         self.group = torch.distributed.ProcessGroupGloo(store, rank, world, timedelta(seconds=1800))
-        state = model.state_dict()
-        self.layout = _by_dtype(state)
+        state = as_source(model)
+        self.layout = _by_dtype(state.meta)
         # Where each tensor ends in the snapshot's bytes (the flats one after another): the progress it waits for.
         self.ends, end = [], 0
         for dtype, keys in self.layout:
             ends = []
             for key in keys:
-                end += state[key].numel() * dtype.itemsize
+                end += _numel(state.meta[key][0]) * dtype.itemsize
                 ends.append(end)
             self.ends.append(ends)
         self.snapshots = [[_flat_for(state, keys) for _, keys in self.layout] for _ in range(2)]
@@ -233,7 +284,7 @@ class CollectiveTransport:
         start = time.perf_counter()
         if self.error is not None:
             raise RuntimeError("the weight broadcast group failed") from self.error
-        state = model.state_dict()
+        state = as_source(model)
         with self.cond:
             index = 1 if self.sending == 0 else 0  # never the snapshot being sent
             # The sender may take this version at once and broadcast each chunk as soon as it is packed.
