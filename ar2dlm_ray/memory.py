@@ -14,6 +14,7 @@ logged, AdamW's step count) reads 1. Neither decides the size of any tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 
@@ -57,14 +58,14 @@ def _real_bool(t) -> bool:
     return isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) and t.dtype == torch.bool
 
 
-def fake_model(model_config: dict, mode: FakeTensorMode, dtype: torch.dtype = torch.bfloat16):
+def fake_model(model_config: dict, mode: FakeTensorMode | None, dtype: torch.dtype = torch.bfloat16):
     """A causal LM of the config.json's architecture with fake weights (no memory, no initialisation cost
     beyond the graph of fake operations)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(model_config)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    with mode:
+    with mode or contextlib.nullcontext():
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
@@ -78,6 +79,28 @@ def _student(model_config: dict, cfg: RunConfig, mode: FakeTensorMode):
                        shift=cfg.model.shift, teacher_vocab_size=vocab)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.model.dtype]
     return Student(fake_model(model_config, mode, dtype), tokenizer, spec)
+
+
+def _sharded_student(model_config: dict, cfg: RunConfig, mode: FakeTensorMode):
+    """Rank 0 of `learner.num_workers` FSDP2 ranks (the learner's `shard`) in a fake process group: the model
+    is built on the meta device, sharded, then given fake shards."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from .learner import shard
+
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cfg.learner.num_workers)
+    elif dist.get_world_size() != cfg.learner.num_workers:
+        raise ValueError(f"a process group of {dist.get_world_size()} ranks exists; the plan needs "
+                         f"{cfg.learner.num_workers}")
+    with torch.device("meta"):
+        student = _student(model_config, cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"dtype": "float32"})}), None)
+    shard(student, {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.model.dtype])
+    with mode:
+        student.model.to_empty(device="cpu")
+    return student
 
 
 def _peak(tracker: MemTracker) -> dict:
@@ -98,12 +121,16 @@ def measure_learner(cfg: RunConfig, model_config: dict) -> dict:
     from .teacher import TokenTargets
 
     t = cfg.train
+    sharded = getattr(cfg.learner, "strategy", "replicate") == "fsdp"
     rows = min(t.minibatch_size or t.rollout_batch_size, 2 * t.micro_batch_size)
     cfg = cfg.model_copy(update={"train": t.model_copy(update={"rollout_batch_size": rows, "minibatch_size": rows,
                                                                "updates_per_batch": 1})})
     P, L = worst_case_lengths(cfg)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    student = _student(model_config, cfg, mode)
+    if sharded:
+        student = _sharded_student(model_config, cfg, mode)
+    else:
+        student = _student(model_config, cfg, mode)
     with mode:
         learner = Learner(student, cfg, total_steps=2)
     vocab = model_config["vocab_size"]
@@ -173,3 +200,22 @@ def _filled_cache(student, rows: int, length: int, mode: FakeTensorMode):
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
     return [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+
+
+def bench_memory(cfg: RunConfig, model_info: dict) -> dict:
+    """Each measured role beside the plan's estimate (`ar2dlm bench memory`)."""
+    from .plan import GIB, ModelShape, LearnerSettings, learner_parts, rollout_parts
+
+    shape = ModelShape.from_config(model_info)
+    estimates = {"learner": learner_parts(shape, LearnerSettings.from_config(cfg, shape.vocab)),
+                 "rollout": rollout_parts(shape, cfg)}
+    measured = {"learner": measure_learner(cfg, model_info), "rollout": measure_rollout(cfg, model_info)}
+    roles = {}
+    for role, m in measured.items():
+        plan_gb = sum(estimates[role].values()) / GIB
+        roles[role] = {"measured_gb": round(m["total"] / GIB, 3), "plan_gb": round(plan_gb, 3),
+                       "plan_over_measured": round(plan_gb * GIB / m["total"], 4),
+                       "measured_parts_gb": {k: round(v / GIB, 3) for k, v in m["parts"].items()},
+                       **{k: v for k, v in m.items() if k not in ("total", "parts", "phases")}}
+    return {"model_params": shape.params, "strategy": getattr(cfg.learner, "strategy", "replicate"),
+            "learner_workers": cfg.learner.num_workers, "roles": roles}

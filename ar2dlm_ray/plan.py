@@ -158,21 +158,23 @@ def learner_parts(shape: ModelShape, s: LearnerSettings) -> dict[str, int]:
         parts["grad shards (fp32)"] = 4 * P // W
         parts["adamw moments"] = 8 * P // W
         # All-gathered for compute: the root (embeddings, head, final norm) and two layers (current and
-        # prefetched); one layer's unsharded gradient before its reduce-scatter.
+        # prefetched); one layer's unsharded gradient (and its float32 copy) before its reduce-scatter.
         parts["unsharded root + 2 layers"] = wb * (shape.root_params + 2 * shape.layer_params)
         parts["unsharded layer grads"] = (wb + 4) * shape.layer_params
-        step = {}
+        step = {"adamw foreach temp": 4 * P // W}
+        grads = {}
     else:
         stepped = 4 if s.master else wb
         parts["weights"] = wb * P
         if s.master:
             parts["master weights (fp32)"] = 4 * P
         parts["adamw moments"] = 2 * stepped * P
-        parts["grads"] = wb * P if s.accumulates else 0
-        # After backward: the all-reduce's flat copy of the gradients (several ranks), then the float32
-        # master gradients and foreach AdamW's sqrt(v) temporary.
-        step = {"all-reduce flat grads": wb * P if s.workers > 1 else 0,
-                "master grads (fp32)": 4 * P if s.master else 0, "adamw foreach temp": stepped * P}
+        grads = {"grads": wb * P} if s.accumulates else {}
+        # After backward: the gradients and the all-reduce's flat copy of them (several ranks); then the
+        # float32 master gradients and foreach AdamW's sqrt(v) temporary.
+        step = max({"grads": wb * P, "all-reduce flat grads": wb * P if s.workers > 1 else 0},
+                   {("master grads (fp32)" if s.master else "grads"): stepped * P, "adamw foreach temp": stepped * P},
+                   key=lambda p: sum(p.values()))
     acts: dict[str, int] = {}
     per_layer = layer_activation_bytes(shape, wb) * tokens
     if s.checkpointing:
@@ -188,11 +190,11 @@ def learner_parts(shape: ModelShape, s: LearnerSettings) -> dict[str, int]:
         head["logits grad accumulation"] = max(3 * wb * N * V, 2 * wb * N * V + 3 * 4 * s.chunk * V)
     else:
         head["float32 loss temporaries"] = 18 * N * V  # log-softmax, tail scatter and their gradients
-    backward = {**acts, **head}
+    backward = {**grads, **acts, **head}
     if s.checkpointing:
         # Backward through a checkpointed layer: its activations recomputed, beside the inputs of all, and
         # the MLP's backward temporaries (gradients of its [T, intermediate] product and gate).
-        recompute = {**acts, "recomputed layer": per_layer + 2 * wb * shape.intermediate * tokens}
+        recompute = {**grads, **acts, "recomputed layer": per_layer + 2 * wb * shape.intermediate * tokens}
         backward = max(backward, recompute, key=lambda p: sum(p.values()))
     if sum(step.values()) > sum(backward.values()):
         return {**parts, **step}
@@ -267,3 +269,79 @@ def format_plan(result: dict) -> str:
         lines.append(f"{role:<9} {r['gb']:>8.1f}  {'yes' if r['fits'] else 'NO':<{len(f'fits {gpu:g} GB')}}  {biggest}")
     lines.append(f"fits: {'yes' if result['fits'] else 'no'} ({result['params'] / 1e9:.2f}B parameters)")
     return "\n".join(lines)
+
+
+def preflight(cfg: RunConfig, gpu_memory_gb: float) -> None:
+    """Refuse, in one line, a run whose plan does not fit GPUs of `gpu_memory_gb`: the role, what it needs,
+    what the GPU has, and settings that would make it fit."""
+    info = load_model_config(cfg.model.student or cfg.model.teacher)
+    result = plan(cfg, gpu_memory_gb, info)
+    short = [(role, r) for role, r in result["roles"].items() if not r["fits"]]
+    if not short:
+        return
+    role, r = short[0]
+    biggest = ", ".join(f"{name} {gb:.1f}" for name, gb in list(r["parts"].items())[:3])
+    fix = _FIXES[role](ModelShape.from_config(info), cfg, gpu_memory_gb)
+    also = "".join(f"; the {other} does not fit either ({o['gb']:.1f} GB)" for other, o in short[1:])
+    raise ConfigError(f"the {role} needs {r['gb']:.1f} GB per GPU ({biggest} GB), the GPU has {gpu_memory_gb:g} GB: "
+                      f"{fix}{also} (ar2dlm plan shows every part)")
+
+
+def _gen_key(cfg: RunConfig) -> str:
+    return "curriculum.max_len" if cfg.curriculum.enabled else "sampler.max_new_tokens"
+
+
+def _learner_fix(shape: ModelShape, cfg: RunConfig, gpu_memory_gb: float) -> str:
+    """The fitting learner settings with the fewest changes (rollout length last: it changes the experiment)."""
+    s = LearnerSettings.from_config(cfg, shape.vocab)
+    ranks = [(s.strategy, s.workers)] + [("fsdp", w) for w in (2, 4, 8, 16) if s.strategy != "fsdp" or w > s.workers]
+    rows = [s.rows >> i for i in range(s.rows.bit_length())]
+    options = []
+    for gen in (s.gen, s.gen // 2, s.gen // 4):
+        for ckpt in sorted({s.checkpointing, True}):
+            for strategy, workers in ranks:
+                for r in rows:
+                    v = replace(s, checkpointing=ckpt, strategy=strategy, workers=workers, rows=r, gen=gen)
+                    changes = {"train.activation_checkpointing": "true" if ckpt != s.checkpointing else None,
+                               "learner.strategy": strategy if strategy != s.strategy else None,
+                               "learner.num_workers": workers if workers != s.workers else None,
+                               "train.micro_batch_size": r if r != s.rows else None,
+                               _gen_key(cfg): gen if gen != s.gen else None}
+                    changes = {k: val for k, val in changes.items() if val is not None}
+                    options.append((gen != s.gen, len(changes), workers, -r, changes, v))
+    for *_, changes, v in sorted(options, key=lambda o: o[:4]):
+        need = sum(learner_parts(shape, v).values()) / GIB
+        if need <= gpu_memory_gb:
+            return f"set {' '.join(f'{k}={val}' for k, val in changes.items())} ({need:.1f} GB)"
+    return "no learner setting tried fits (up to 16 FSDP ranks, micro-batch 1, a quarter of the rollout length)"
+
+
+def _rollout_fix(shape: ModelShape, cfg: RunConfig, gpu_memory_gb: float) -> str:
+    prompt, gen = worst_case_lengths(cfg)
+    for g in (gen, gen // 2, gen // 4):
+        for rows in (cfg.sampler.batch_size >> i for i in range(cfg.sampler.batch_size.bit_length())):
+            phases = rollout_phases(shape, rows, prompt, g, cfg.model.block_size, _BYTES[cfg.model.dtype])
+            need = max(sum(p.values()) for p in phases.values()) / GIB
+            if need <= gpu_memory_gb:
+                lower = f" {_gen_key(cfg)}={g}" if g != gen else ""
+                return f"set sampler.batch_size={rows}{lower} ({need:.1f} GB)"
+    return "no sampler.batch_size fits even at a quarter of the rollout length"
+
+
+def _teacher_fix(shape: ModelShape, cfg: RunConfig, gpu_memory_gb: float) -> str:
+    """The largest vLLM reservation (in 0.05 steps) that leaves room for the log-probs beside it, still
+    holding the weights twice over (weights and KV cache); fewer concurrent requests when none does."""
+    weights = 2 * shape.params / GIB
+    batch = cfg.teacher.batch_size
+    while batch >= 1:
+        t = cfg.teacher.model_copy(update={"batch_size": batch, "gpu_memory_utilization": 1.0})
+        extra = sum(teacher_parts(shape, cfg.model_copy(update={"teacher": t}), 0.0).values()) / GIB
+        utilization = math.floor(20 * (gpu_memory_gb - extra) / gpu_memory_gb) / 20
+        if utilization * gpu_memory_gb >= 2 * weights and utilization > 0:
+            fewer = f"teacher.batch_size={batch} " if batch != cfg.teacher.batch_size else ""
+            return f"set {fewer}teacher.gpu_memory_utilization={utilization:.2f}"
+        batch //= 2
+    return "the teacher's log-probs do not fit beside its weights: shorten the rollouts or use a larger GPU"
+
+
+_FIXES = {"learner": _learner_fix, "rollout": _rollout_fix, "teacher": _teacher_fix}
