@@ -216,6 +216,12 @@ def cmd_bench(args) -> None:
         log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else _log
         return _report(bench_orchestration(args.config, args.overrides, quick=args.quick, log=log), args.out,
                        quiet=args.json)
+    if args.what == "memory":
+        from .memory import bench_memory
+        from .plan import load_model_config
+
+        cfg = load_config(args.config, args.overrides)
+        return _report(bench_memory(cfg, load_model_config(cfg.model.student or cfg.model.teacher)), args.out)
     if args.what == "pipeline":
         from .cluster.bench import bench_pipeline
 
@@ -289,6 +295,13 @@ def cmd_import_gguf(args) -> None:
     gguf = Path(args.gguf) if args.gguf else packaged_gguf(args.package)
     out = import_gguf(gguf, args.out)
     _log(json.dumps({"model": str(out), "gguf": str(gguf)}))
+
+
+def cmd_plan(args) -> None:
+    from .plan import format_plan, plan
+
+    result = plan(load_config(args.config, args.overrides), args.gpu_memory_gb)
+    _log(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 
 def cmd_experiment(args) -> None:
@@ -468,13 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="rerunnable benchmarks (ratios measured side by side in one run)")
-    p.add_argument("what", choices=["sampler", "pipeline", "orchestration", "teacher", "weights"],
+    p.add_argument("what", choices=["sampler", "pipeline", "orchestration", "teacher", "weights", "memory"],
                    help="sampler: KV-cached decoding vs full recomputation; "
                         "pipeline: the Ray run synchronous vs asynchronous (trained tokens/s, learner busy fraction); "
                         "orchestration: the real driver, queues and actors with stand-in stage costs, pools up to "
                         "16/8/4, throughput against the bottleneck's bound; "
                         "teacher: HF vs vLLM scoring tokens/s on the config's teacher and each --model; "
-                        "weights: both weight transports at --params against raw gloo")
+                        "weights: both weight transports at --params against raw gloo; "
+                        "memory: the learner step and rollout decoding measured on fake tensors against `ar2dlm plan`")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--model", default=None, action="append",
                    help="sampler: a student directory (default: convert the config's teacher); teacher: an extra AR "
@@ -492,6 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="orchestration: the small pool sizes only")
     _add_overrides(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="per-GPU memory of the learner rank, rollout worker and teacher, from config.json")
+    p.add_argument("--config", required=True)
+    p.add_argument("--gpu-memory-gb", type=_positive(float), default=80.0, help="memory of one GPU (default 80)")
+    p.add_argument("--json", action="store_true", help='print {"fits", "roles": {role: {"gb", "fits", "parts"}}}')
+    _add_overrides(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("experiment", help="recipes x seeds at matched training-token budgets: summary, plots")
     p.add_argument("--config", required=True, help="an experiment YAML, e.g. configs/experiments/micro_ablation.yaml")
