@@ -67,3 +67,22 @@ def test_a_stopped_run_ends_with_the_command_that_resumes_it(monkeypatch, capsys
     assert last_line(train.main(args)) == (
         "ar2dlm: error: interrupted (SIGINT); the checkpoints written so far are whole; continue from the last "
         "checkpoint with: deploy/submit.sh ../mine.yaml train.out_dir=/tmp/runs/x --resume")
+
+
+def test_pools_address_auto_is_refused_when_several_clusters_run_here(monkeypatch):
+    """Ray's own `auto` would pick the newest cluster; `ar2dlm pools` names them and asks (the machine's state is
+    injected: the real one depends on what else runs here)."""
+    import pytest
+    from ray._private import services
+
+    from ar2dlm_ray.cluster.address import gcs_address
+    from ar2dlm_ray.config import ConfigError
+
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset({"10.0.0.1:6379", "10.0.0.1:6380"}))
+    with pytest.raises(ConfigError) as err:
+        gcs_address("auto")
+    assert str(err.value) == ("--address auto: 2 Ray clusters run on this machine (10.0.0.1:6379, 10.0.0.1:6380); "
+                              "give --address (the dashboard URL, e.g. http://127.0.0.1:8265, or the GCS address "
+                              "host:6379)")
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset({"10.0.0.1:6379"}))
+    assert gcs_address("auto") == "10.0.0.1:6379" and gcs_address("host:1") == "host:1"
