@@ -59,7 +59,9 @@ def _gcs_of_dashboard(url: str) -> str:
     try:
         text = urllib.request.urlopen(request, timeout=10).read().decode()
     except OSError as exc:
-        raise ConfigError(f"--address {url}: no Ray dashboard answers there ({exc})") from None
+        token = "; it wants the cluster's token: RAY_AUTH_TOKEN or ~/.ray/auth_token" \
+            if getattr(exc, "code", None) in (401, 403) else ""
+        raise ConfigError(f"--address {url}: the Ray dashboard did not answer ({exc}){token}") from None
     heads = [n for n in json.loads(text)["data"]["summary"] if n.get("raylet", {}).get("isHeadNode")]
     found = re.search(r"--gcs-address=([\w.:\[\]-]+)", json.dumps(heads))
     if not found:

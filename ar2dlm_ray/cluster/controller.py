@@ -113,9 +113,9 @@ def connect_to_job(address: str, run: str | None, log=print):
     runs = sorted(a["namespace"] for a in named if a["name"] == CONTROLLER_NAME)
     if run is None and len(runs) == 1:
         run = runs[0]
-    if run is None or run not in runs:
+    if run not in runs:
+        asked = f"no run {run!r} on" if run else "which run on"
         found = f"the runs there: {', '.join(runs)}; pick one with --run NAME" if runs else "no ar2dlm run is there"
-        raise ConfigError(f"{'no run ' + repr(run) + ' on' if run else 'which run on'} the Ray cluster at {gcs}? "
-                          f"{found}")
+        raise ConfigError(f"{asked} the Ray cluster at {gcs}? {found}")
     log(f"[pools] cluster at {gcs}{f' (dashboard {address})' if gcs != address else ''}, run {run!r}")
     return ray.get_actor(CONTROLLER_NAME, namespace=run)
