@@ -24,7 +24,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .config import RunConfig
-from .plan import worst_case_lengths
+from .plan import learner_strategy, worst_case_lengths
 
 
 class _FakeValues(TorchDispatchMode):
@@ -81,19 +81,27 @@ def _student(model_config: dict, cfg: RunConfig, mode: FakeTensorMode):
     return Student(fake_model(model_config, mode, dtype), tokenizer, spec)
 
 
-def _sharded_student(model_config: dict, cfg: RunConfig, mode: FakeTensorMode):
-    """Rank 0 of `learner.num_workers` FSDP2 ranks (the learner's `shard`) in a fake process group: the model
-    is built on the meta device, sharded, then given fake shards."""
+@contextlib.contextmanager
+def _fake_group(world: int):
+    """Rank 0 of a fake process group of `world` ranks: collectives return at once, with outputs of the
+    right shapes."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    if dist.is_initialized():
+        raise RuntimeError("measuring a sharded learner needs a process without a process group")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_student(model_config: dict, cfg: RunConfig, mode: FakeTensorMode):
+    """Rank 0 of `learner.num_workers` FSDP2 ranks (the learner's `shard`) in a fake process group: the model
+    is built on the meta device, sharded, then given fake shards."""
     from .learner import shard
 
-    if not dist.is_initialized():
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cfg.learner.num_workers)
-    elif dist.get_world_size() != cfg.learner.num_workers:
-        raise ValueError(f"a process group of {dist.get_world_size()} ranks exists; the plan needs "
-                         f"{cfg.learner.num_workers}")
     with torch.device("meta"):
         student = _student(model_config, cfg.model_copy(update={"model": cfg.model.model_copy(
             update={"dtype": "float32"})}), None)
@@ -115,22 +123,26 @@ def measure_learner(cfg: RunConfig, model_config: dict) -> dict:
     every generated position supervised (all revealed at step 0, so every block's state is fully masked),
     teacher top-k targets (`teacher.top_k`; the full vocabulary when it is unset). The step is the second
     one, so AdamW's moments exist, and it takes two micro-batches when the minibatch allows, so the
-    accumulated gradients are resident while the second micro-batch runs."""
-    from .learner import Learner
-    from .states import Rollout
-    from .teacher import TokenTargets
-
+    accumulated gradients are resident while the second micro-batch runs. A sharded learner (learner
+    strategy fsdp) is rank 0 of `learner.num_workers` in a fake process group."""
     t = cfg.train
-    sharded = getattr(cfg.learner, "strategy", "replicate") == "fsdp"
+    sharded = learner_strategy(cfg) == "fsdp"
     rows = min(t.minibatch_size or t.rollout_batch_size, 2 * t.micro_batch_size)
     cfg = cfg.model_copy(update={"train": t.model_copy(update={"rollout_batch_size": rows, "minibatch_size": rows,
                                                                "updates_per_batch": 1})})
     P, L = worst_case_lengths(cfg)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    if sharded:
-        student = _sharded_student(model_config, cfg, mode)
-    else:
-        student = _student(model_config, cfg, mode)
+    with _fake_group(cfg.learner.num_workers) if sharded else contextlib.nullcontext():
+        return _measure_step(cfg, model_config, mode, sharded, rows, P, L)
+
+
+def _measure_step(cfg: RunConfig, model_config: dict, mode: FakeTensorMode, sharded: bool, rows: int, P: int,
+                  L: int) -> dict:
+    from .learner import Learner
+    from .states import Rollout
+    from .teacher import TokenTargets
+
+    student = (_sharded_student if sharded else _student)(model_config, cfg, mode)
     with mode:
         learner = Learner(student, cfg, total_steps=2)
     vocab = model_config["vocab_size"]
@@ -217,5 +229,5 @@ def bench_memory(cfg: RunConfig, model_info: dict) -> dict:
                        "plan_over_measured": round(plan_gb * GIB / m["total"], 4),
                        "measured_parts_gb": {k: round(v / GIB, 3) for k, v in m["parts"].items()},
                        **{k: v for k, v in m.items() if k not in ("total", "parts", "phases")}}
-    return {"model_params": shape.params, "strategy": getattr(cfg.learner, "strategy", "replicate"),
+    return {"model_params": shape.params, "strategy": learner_strategy(cfg),
             "learner_workers": cfg.learner.num_workers, "roles": roles}

@@ -110,11 +110,18 @@ class LearnerSettings:
         t = cfg.train
         prompt, gen = worst_case_lengths(cfg)
         dtype_bytes = _BYTES[cfg.model.dtype]
-        return cls(strategy=getattr(cfg.learner, "strategy", "replicate"), workers=cfg.learner.num_workers,
+        strategy = learner_strategy(cfg)
+        return cls(strategy=strategy, workers=cfg.learner.num_workers if strategy == "fsdp" else 1,
                    rows=t.micro_batch_size, accumulates=(t.minibatch_size or t.rollout_batch_size) > t.micro_batch_size,
                    prompt=prompt, gen=gen, checkpointing=t.activation_checkpointing, chunk=t.loss_chunk_tokens,
                    dtype_bytes=dtype_bytes, master=t.master_weights and dtype_bytes < 4,
                    targets=cfg.teacher.top_k or vocab)
+
+
+def learner_strategy(cfg: RunConfig) -> str:
+    """How a learner rank holds the model: Ray learner groups shard it with FSDP2 at every group size
+    ("fsdp"); the local trainer keeps one full replica with float32 masters ("replicate")."""
+    return getattr(cfg.learner, "strategy", None) or ("fsdp" if cfg.mode == "ray" else "replicate")
 
 
 def worst_case_lengths(cfg: RunConfig) -> tuple[int, int]:
@@ -170,11 +177,9 @@ def learner_parts(shape: ModelShape, s: LearnerSettings) -> dict[str, int]:
             parts["master weights (fp32)"] = 4 * P
         parts["adamw moments"] = 2 * stepped * P
         grads = {"grads": wb * P} if s.accumulates else {}
-        # After backward: the gradients and the all-reduce's flat copy of them (several ranks); then the
-        # float32 master gradients and foreach AdamW's sqrt(v) temporary.
-        step = max({"grads": wb * P, "all-reduce flat grads": wb * P if s.workers > 1 else 0},
-                   {("master grads (fp32)" if s.master else "grads"): stepped * P, "adamw foreach temp": stepped * P},
-                   key=lambda p: sum(p.values()))
+        # The optimiser step: the float32 master gradients (the model's are freed as they are converted)
+        # and foreach AdamW's sqrt(v) temporary.
+        step = {("master grads (fp32)" if s.master else "grads"): stepped * P, "adamw foreach temp": stepped * P}
     acts: dict[str, int] = {}
     per_layer = layer_activation_bytes(shape, wb) * tokens
     if s.checkpointing:
@@ -294,6 +299,7 @@ def _gen_key(cfg: RunConfig) -> str:
 def _learner_fix(shape: ModelShape, cfg: RunConfig, gpu_memory_gb: float) -> str:
     """The fitting learner settings with the fewest changes (rollout length last: it changes the experiment)."""
     s = LearnerSettings.from_config(cfg, shape.vocab)
+    # More ranks shard the model further; a local (replicate) run would become a Ray run with a learner group.
     ranks = [(s.strategy, s.workers)] + [("fsdp", w) for w in (2, 4, 8, 16) if s.strategy != "fsdp" or w > s.workers]
     rows = [s.rows >> i for i in range(s.rows.bit_length())]
     options = []
@@ -303,7 +309,7 @@ def _learner_fix(shape: ModelShape, cfg: RunConfig, gpu_memory_gb: float) -> str
                 for r in rows:
                     v = replace(s, checkpointing=ckpt, strategy=strategy, workers=workers, rows=r, gen=gen)
                     changes = {"train.activation_checkpointing": "true" if ckpt != s.checkpointing else None,
-                               "learner.strategy": strategy if strategy != s.strategy else None,
+                               "mode": "ray" if strategy != s.strategy else None,
                                "learner.num_workers": workers if workers != s.workers else None,
                                "train.micro_batch_size": r if r != s.rows else None,
                                _gen_key(cfg): gen if gen != s.gen else None}

@@ -56,14 +56,21 @@ def _small(**overrides):
     return cfg, info
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_learner_plan_is_within_ten_percent_of_the_measured_step(checkpointing):
-    """The activation, logits and loss part (everything but the model states) and the whole peak."""
-    cfg, info = _small(**{"train.activation_checkpointing": checkpointing})
+STATES = {"weights", "master weights (fp32)", "adamw moments", "grads", "param shards (fp32)", "grad shards (fp32)",
+          "unsharded root + 2 layers", "unsharded layer grads"}
+
+
+@pytest.mark.parametrize("mode,checkpointing", [("local", False), ("local", True), ("ray", False)])
+def test_learner_plan_is_within_ten_percent_of_the_measured_step(mode, checkpointing):
+    """The activation, logits and loss part (everything but the model states) and the whole peak; a local
+    learner is a full replica with float32 masters, a Ray learner an FSDP2 rank (here of a group of 2)."""
+    cfg, info = _small(**{"train.activation_checkpointing": checkpointing, "mode": mode, "model.device": "cpu",
+                          "learner.num_workers": 2})
     measured = measure_learner(cfg, info)
     shape = ModelShape.from_config(info)
     parts = learner_parts(shape, LearnerSettings.from_config(cfg, shape.vocab))
-    states = {"weights", "master weights (fp32)", "adamw moments", "grads"}
+    assert ("param shards (fp32)" in parts) == (mode == "ray")
+    states = STATES
     planned_acts = sum(v for k, v in parts.items() if k not in states)
     measured_acts = measured["parts"]["activation"] + measured["parts"].get("temp", 0)
     assert measured["generated"] == 384 and measured["rows"] == 4  # two micro-batches of the longest rollouts
@@ -105,10 +112,6 @@ def test_preflight_names_the_role_and_settings_that_fit():
         preflight(cfg, 80)
     line = str(err.value)
     assert "\n" not in line and line.startswith("the learner needs")
-    assert "the GPU has 80 GB" in line and "learner.strategy=fsdp" in line
-    fixed = [kv.split("=") for kv in line.split("set ")[1].split(" (")[0].split()]
-    overrides = [f"{k}={v}" for k, v in fixed if k != "learner.strategy"]
-    # The suggestion fits by the plan's own count (the sharded strategy read as the lead's field will be).
-    cfg = load_config(CONFIGS / "qwen3_8b.yaml", ["teacher.backend=hf", *overrides])
-    cfg.learner.__dict__["strategy"] = dict(fixed).get("learner.strategy", "replicate")
-    preflight(cfg, 80)
+    assert "the GPU has 80 GB" in line and "learner.num_workers=4" in line
+    suggested = line.split("set ")[1].split(" (")[0].split()
+    preflight(load_config(CONFIGS / "qwen3_8b.yaml", ["teacher.backend=hf", *suggested]), 80)  # it fits
