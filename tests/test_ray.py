@@ -184,6 +184,20 @@ def test_failures_staleness_and_data_parallel_learners(micro_teacher, tmp_path, 
     # The ranks hold shards of one model (the optimiser state is in the sharded checkpoint) and stepped together.
     assert all(s["optimizer"] is None for s in states) and states[0]["scheduler"] == states[1]["scheduler"]
 
+    # The step-3 checkpoint (two ranks' shards) resumes on one learner: resharded, the run goes on from step 3.
+    from ar2dlm_ray.cluster.driver import train
+
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in (ckpts / "step_0000003" / "learner").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    (ckpts / "latest.json").write_text(json.dumps({"checkpoint": "step_0000003", "step": 3}))
+    one = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"num_workers": 1})})
+    resumed = train(one, resume=True, log=lambda *a: None, allow_change=("learner.num_workers",))
+    again = _metrics(tmp_path)
+    assert [m["step"] for m in again] == list(range(1, 7)) and again[:3] == metrics[:3]
+    assert all(len(m["batches"]) == 1 and math.isfinite(m["loss"]) for m in again[3:])
+    assert resumed["accounting"]["trained_on"] > acc["trained_on"] // 2
+
 
 @pytest.mark.slow
 def test_stale_batch_is_dropped_and_duplicates_are_discarded(micro_teacher, tmp_path, local_ray):
