@@ -400,6 +400,9 @@ class RayConfig(_Strict):
     connect_timeout_s: float = Field(30.0, gt=0, description="ray.address: how long to try reaching the cluster")
     startup_timeout_s: float = Field(600.0, gt=0, description="how long to wait for the cluster to offer every "
                                                               "pool's resources (an autoscaler adding nodes)")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU, for the memory plan checked "
+                                                                "before any actor starts; default: from the "
+                                                                "cluster's accelerator type")
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
 
 

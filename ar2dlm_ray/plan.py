@@ -276,12 +276,12 @@ def format_plan(result: dict) -> str:
     return "\n".join(lines)
 
 
-def preflight(cfg: RunConfig, gpu_memory_gb: float) -> None:
-    """Refuse, in one line, a run whose plan does not fit GPUs of `gpu_memory_gb`: the role, what it needs,
-    what the GPU has, and settings that would make it fit."""
+def preflight(cfg: RunConfig, gpu_memory_gb: float, roles: tuple[str, ...] = ("learner", "rollout", "teacher")) -> None:
+    """Refuse, in one line, a run whose plan does not fit GPUs of `gpu_memory_gb` (for `roles`, those on GPUs):
+    the role, what it needs, what the GPU has, and settings that would make it fit."""
     info = load_model_config(cfg.model.student or cfg.model.teacher)
     result = plan(cfg, gpu_memory_gb, info)
-    short = [(role, r) for role, r in result["roles"].items() if not r["fits"]]
+    short = [(role, r) for role, r in result["roles"].items() if not r["fits"] and role in roles]
     if not short:
         return
     role, r = short[0]

@@ -107,11 +107,14 @@ def test_plan_command_prints_json_and_refuses_a_small_gpu(capsys):
 
 
 def test_preflight_names_the_role_and_settings_that_fit():
-    cfg = load_config(CONFIGS / "qwen3_8b.yaml", ["teacher.backend=hf"])
+    # The shipped 8B config fits 80 GB; without checkpointing and on two learners it does not.
+    unfit = ["teacher.backend=hf", "train.activation_checkpointing=false", "learner.num_workers=2"]
+    preflight(load_config(CONFIGS / "qwen3_8b.yaml", ["teacher.backend=hf"]), 80)
+    cfg = load_config(CONFIGS / "qwen3_8b.yaml", unfit)
     with pytest.raises(ConfigError) as err:
         preflight(cfg, 80)
     line = str(err.value)
     assert "\n" not in line and line.startswith("the learner needs")
     assert "the GPU has 80 GB" in line and "learner.num_workers=4" in line
     suggested = line.split("set ")[1].split(" (")[0].split()
-    preflight(load_config(CONFIGS / "qwen3_8b.yaml", ["teacher.backend=hf", *suggested]), 80)  # it fits
+    preflight(load_config(CONFIGS / "qwen3_8b.yaml", [*unfit, *suggested]), 80)  # it fits

@@ -323,6 +323,9 @@ def test_pools_that_do_not_fit_fail_with_the_shortfall_and_hold_nothing(micro_te
 
     cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
         "rollout.num_workers": 12, "teacher.pool.num_gpus": 1, "ray.startup_timeout_s": 60}))
+    deadline = time.monotonic() + 60  # a Ray started moments ago has no monitor report yet (it may still grow)
+    while placement.can_grow() and time.monotonic() < deadline:
+        time.sleep(0.5)
     with pytest.raises(StartupError) as err:
         RayTrainer(cfg, lambda *a: None)
     assert str(err.value) == ("the pools do not fit the cluster (CPU: pools need 14, cluster has 8; GPU: pools need 1, "
@@ -342,3 +345,20 @@ def test_pools_that_do_not_fit_fail_with_the_shortfall_and_hold_nothing(micro_te
     assert len(states) == 3 and set(states.values()) == {"REMOVED"}, states
     assert not any(a["name"].startswith(("rollout-", "teacher-", "learner-"))
                    for a in ray.util.list_named_actors(all_namespaces=True))
+
+
+def test_a_config_that_cannot_fit_its_gpus_is_refused_before_any_actor_starts(local_ray, tmp_path):
+    """The memory plan (plan.py) of the roles on GPUs, against ray.gpu_memory_gb (or the GPU type Ray reports):
+    one line naming the role, its need, the GPU and settings that fit; no actor, no reservation."""
+    from ar2dlm_ray.cluster.driver import RayTrainer
+    from ar2dlm_ray.config import ConfigError
+
+    before = set(ray.util.placement_group_table())
+    cfg = load_config("configs/qwen3_0.6b.yaml", [f"train.out_dir={tmp_path}", "ray.gpu_memory_gb=16",
+                                                  "logging.run_name=too-big"])
+    with pytest.raises(ConfigError) as err:
+        RayTrainer(cfg, lambda *a: None)
+    message = str(err.value)
+    assert "needs" in message and "the GPU has 16 GB" in message and "\n" not in message, message
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "too-big"]
+    assert set(ray.util.placement_group_table()) == before

@@ -42,7 +42,7 @@ from .messages import ACCOUNTED
 from .metrics import Metrics
 from .nodes import (NodeWatch, absolute_out_dir, bundle_nodes, check_visible, dashboard_warning, loopback_only,
                     on_driver_node, settle)
-from .placement import bundle, reserve
+from .placement import bundle, check_memory, reserve
 from .producers import POLL_S, Producers
 from .weights import REGISTRY_NAME, WeightRegistry
 
@@ -104,6 +104,7 @@ class RayTrainer:
     def __init__(self, cfg: RunConfig, log: Callable = print, roles: Roles = Roles()):
         embedded = connect(cfg, log)
         cfg = absolute_out_dir(cfg, log)  # one run directory for the driver and every actor
+        check_memory(cfg, log)  # what cannot fit is refused before any actor starts
         self.cfg, self.log, self.roles = cfg, log, roles
         self.nodes = NodeWatch()
         self.producers: Producers | None = None

@@ -149,3 +149,44 @@ def reserve(cfg: RunConfig, embedded: bool, log=print) -> Reservation:
         raise StartupError(f"the pools could not be placed within ray.startup_timeout_s={cfg.ray.startup_timeout_s:g}s "
                            f"({detail}); add nodes, or lower the pool sizes / per-actor resources") from None
     return reservation
+
+
+# ---- memory: the plan against the GPUs, before anything is reserved ---------------------------------------
+# GPU memory by Ray's accelerator type (the `accelerator_type:<name>` resource of a node), in GB.
+GPU_MEMORY_GB = {"H200": 141, "H100": 80, "A100-80G": 80, "A100": 40, "L40S": 48, "L40": 48, "A10G": 24, "L4": 24,
+                 "V100": 16, "T4": 16}
+
+
+def gpu_roles(cfg: RunConfig) -> tuple[str, ...]:
+    return tuple(role for role, pool in (("learner", cfg.learner), ("rollout", cfg.rollout),
+                                         ("teacher", cfg.teacher.pool)) if pool.num_gpus)
+
+
+def cluster_gpu_memory_gb() -> float | None:
+    """The smallest memory among the GPUs of the cluster's live nodes, by the accelerator types Ray reports
+    (None when it reports none known here)."""
+    sizes = [GPU_MEMORY_GB[key.split(":", 1)[1]] for node in ray.nodes() if node.get("Alive")
+             for key in node.get("Resources", {}) if key.startswith("accelerator_type:")
+             and key.split(":", 1)[1] in GPU_MEMORY_GB]
+    return min(sizes) if sizes else None
+
+
+def check_memory(cfg: RunConfig, log) -> None:
+    """The memory plan of every role that runs on GPUs (plan.py), refused in one line when it cannot fit."""
+    from ..plan import load_model_config, preflight
+
+    roles = gpu_roles(cfg)
+    if not roles:
+        return
+    gpu_gb = cfg.ray.gpu_memory_gb or cluster_gpu_memory_gb()
+    try:
+        load_model_config(cfg.model.student or cfg.model.teacher)
+    except ConfigError as exc:
+        log(f"[plan] the memory plan was not checked: {exc}")
+        return
+    if gpu_gb is None:
+        log("[plan] the memory plan was not checked: the cluster reports no GPU type known here; set "
+            "ray.gpu_memory_gb")
+        return
+    preflight(cfg, gpu_gb, roles)
+    log(f"[plan] every role on GPUs fits {gpu_gb:g} GB (ar2dlm plan --config ... shows each part)")
