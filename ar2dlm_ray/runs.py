@@ -208,30 +208,23 @@ def _delete(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_file(path)
 
 
-def save_dir(where: str, save: Callable[[Path], object]) -> None:
+def save_dir(where: str, save: Callable[[Path], object], shared: bool = False) -> None:
     """`save(path)` writes a directory; here to `where`, a path or a storage URI (then through a temporary
-    directory on this node, uploaded from here: a Ray learner writes the student on its own node)."""
+    directory on this node, uploaded from here: a Ray learner writes the student on its own node). `shared`:
+    several processes write parts of it (each rank its shards), so each uploads only its own files and never
+    removes the others'."""
     if not URI.match(where):
         save(Path(where))
         return
     fs, path = open_uri(where)
     with tempfile.TemporaryDirectory() as tmp:
-        save(Path(tmp) / "dir")
-        _put(Path(tmp) / "dir", fs, path)
-
-
-def save_parts(where: str, save: Callable[[Path], object]) -> None:
-    """`save(path)` writes this process's part of a directory that several processes write together (each
-    rank's shards); to `where`, a path or a storage URI. With a URI each process uploads only the files it
-    wrote, never removing the others'."""
-    if not URI.match(where):
-        save(Path(where))
-        return
-    fs, path = open_uri(where)
-    with tempfile.TemporaryDirectory() as tmp:
-        save(Path(tmp) / "dir")
+        local = Path(tmp) / "dir"
+        save(local)
+        if not shared:
+            _put(local, fs, path)
+            return
         fs.create_dir(path, recursive=True)
-        for part in (Path(tmp) / "dir").iterdir():
+        for part in local.iterdir():
             _put(part, fs, f"{path.rstrip('/')}/{part.name}")
 
 

@@ -26,7 +26,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ..config import RunError
 from ..learner import Learner, is_sharded, shard
 from ..rollout import RECIPES, X0Producer
-from ..runs import local_dir, save_dir, save_parts
+from ..runs import local_dir, save_dir
 from ..teacher import build_teacher
 from ..models import build_student, param_count
 from ..student import resolve_device
@@ -350,7 +350,7 @@ class LearnerWorker:
         import torch.distributed.checkpoint as dcp
 
         self.save(student)
-        save_parts(shards, lambda path: dcp.save(self.learner.sharded_state(), checkpoint_id=str(path)))
+        save_dir(shards, lambda path: dcp.save(self.learner.sharded_state(), checkpoint_id=str(path)), shared=True)
 
     def state(self) -> dict:
         return self.learner.state_dict()
