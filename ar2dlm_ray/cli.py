@@ -204,6 +204,10 @@ def cmd_bench(args) -> None:
         check_output_file(args.out, overwrite=args.overwrite)
     if args.what == "teacher":
         return _bench_teacher(args)
+    if args.what == "learner":
+        from .bench import bench_learner
+
+        return _report(bench_learner(world=args.world, repeats=args.repeats), args.out)
     if args.what == "weights":
         from .cluster.bench_weights import bench_weights
 
@@ -481,14 +485,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="rerunnable benchmarks (ratios measured side by side in one run)")
-    p.add_argument("what", choices=["sampler", "pipeline", "orchestration", "teacher", "weights", "memory"],
+    p.add_argument("what", choices=["sampler", "pipeline", "orchestration", "teacher", "weights", "memory",
+                                         "learner"],
                    help="sampler: KV-cached decoding vs full recomputation; "
                         "pipeline: the Ray run synchronous vs asynchronous (trained tokens/s, learner busy fraction); "
                         "orchestration: the real driver, queues and actors with stand-in stage costs, pools up to "
                         "16/8/4, throughput against the bottleneck's bound; "
                         "teacher: HF vs vLLM scoring tokens/s on the config's teacher and each --model; "
                         "weights: both weight transports at --params against raw gloo; "
-                        "memory: the learner step and rollout decoding measured on fake tensors against `ar2dlm plan`")
+                        "memory: the learner step and rollout decoding measured on fake tensors against `ar2dlm plan`; "
+                        "learner: --world gloo learner processes, FSDP2 shards against full replicas (step time)")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--model", default=None, action="append",
                    help="sampler: a student directory (default: convert the config's teacher); teacher: an extra AR "
@@ -501,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, type=_out_file, help="also write the result JSON here (a new file)")
     _add_overwrite(p, "an existing --out file")
     p.add_argument("--params", type=_positive(float), default=0.6e9, help="weights: parameters of the published state")
+    p.add_argument("--world", type=_positive_int, default=2, help="learner: learner processes")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights")
     p.add_argument("--json", action="store_true", help="weights, orchestration: print only the result JSON on stdout")
     p.add_argument("--quick", action="store_true", help="orchestration: the small pool sizes only")

@@ -3,13 +3,13 @@ its own rollout batch, take the same optimiser steps as one local learner on bot
 weights are the full weights; a sharded checkpoint resumes exactly, also on another number of ranks."""
 
 import copy
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ar2dlm_ray.bench import free_port
 from ar2dlm_ray.cluster.weights import WeightSource
 from ar2dlm_ray.learner import Learner, shard
 from ar2dlm_ray.student import convert
@@ -66,12 +66,6 @@ def _rank(rank: int, world: int, port: int, tokenizer, dtype, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _local(tokenizer, dtype, world: int):
     """One unsharded learner whose minibatch m is every rank's minibatch m together (the ranks' mean loss)."""
     student = _student(tokenizer, dtype)
@@ -88,7 +82,7 @@ def _local(tokenizer, dtype, world: int):
 
 def _sharded(tokenizer, dtype, world: int, tmp_path: Path) -> dict:
     out = tmp_path / f"rank0-{world}-{dtype}.pt"
-    mp.spawn(_rank, args=(world, _free_port(), tokenizer, dtype, str(out)), nprocs=world, join=True)
+    mp.spawn(_rank, args=(world, free_port(), tokenizer, dtype, str(out)), nprocs=world, join=True)
     return torch.load(out)
 
 
@@ -173,10 +167,19 @@ def _interleaved(row):
 def test_a_sharded_checkpoint_resumes_exactly_on_another_number_of_ranks(tokenizer, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     saved, resumed = tmp_path / "saved.pt", tmp_path / "resumed.pt"
-    mp.spawn(_resharded_rank, args=(2, _free_port(), tokenizer, ckpt, "save", str(saved)), nprocs=2, join=True)
-    mp.spawn(_resharded_rank, args=(1, _free_port(), tokenizer, ckpt, "resume", str(resumed)), nprocs=1, join=True)
+    mp.spawn(_resharded_rank, args=(2, free_port(), tokenizer, ckpt, "save", str(saved)), nprocs=2, join=True)
+    mp.spawn(_resharded_rank, args=(1, free_port(), tokenizer, ckpt, "resume", str(resumed)), nprocs=1, join=True)
     two, one = torch.load(saved), torch.load(resumed)
     for step in range(2):  # the second step's loss depends on the AdamW moments read back from the shards
         for u in range(2):
             mean = (two[0][step][u] + two[1][step][u]) / 2
             assert abs(one[0][step][u] - mean) < 1e-5, (step, u, one[0][step][u], mean)
+
+
+def test_the_learner_benchmark_compares_like_with_like():
+    """`ar2dlm bench learner`: the sharded learner and the replicas it replaced take the same steps (a tiny
+    model; the timings of a real run are the benchmark's, not this test's)."""
+    from ar2dlm_ray.bench import bench_learner
+
+    result = bench_learner(world=2, steps=3, repeats=1, hidden=64, layers=2, vocab=256, rollouts=2, length=8)
+    assert result["same_losses"] and result["replica_step_s"] > 0 and result["fsdp_step_s"] > 0
