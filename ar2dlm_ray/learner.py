@@ -11,7 +11,7 @@ the low-precision model (which computes, samples and is published) is refreshed 
 Updating bf16 weights directly rounds most lr-1e-5 updates to nothing; `train.master_weights: false`
 opts into that anyway.
 
-Sharded (learner.strategy fsdp, `shard`): torch FSDP2 over the learner group, each decoder layer and the
+Sharded (the Ray learners, `shard`): torch FSDP2 over the learner group, each decoder layer and the
 root a unit. The float32 parameter shards are the master weights, AdamW state is sharded with them, compute
 runs in the model's dtype and gradients are reduce-scattered (averaged over ranks) in float32. Each rank
 trains its own rollout batch, as data parallelism does.

@@ -121,7 +121,7 @@ class LearnerSettings:
 def learner_strategy(cfg: RunConfig) -> str:
     """How a learner rank holds the model: Ray learner groups shard it with FSDP2 at every group size
     ("fsdp"); the local trainer keeps one full replica with float32 masters ("replicate")."""
-    return getattr(cfg.learner, "strategy", None) or ("fsdp" if cfg.mode == "ray" else "replicate")
+    return "fsdp" if cfg.mode == "ray" else "replicate"
 
 
 def worst_case_lengths(cfg: RunConfig) -> tuple[int, int]:
