@@ -241,6 +241,56 @@ def learner_figures(check: Check, length: int, peak_flops: float | None, steps: 
     }
 
 
+def production_learner(profile: Profile, device: torch.device, dtype: torch.dtype, prompt_len: int,
+                       rollout_len: int) -> dict:
+    """One optimiser step of the learner the Ray runs use, at `prompt_len` + `rollout_len` with every generated
+    position supervised (a training sequence of prompt + 2 x rollout): FSDP2 at world 1 (float32 shards as the
+    master weights, `dtype` compute), activation checkpointing, the LM head at the supervised positions only and
+    the loss in chunks. Its peak memory beside `ar2dlm plan`'s estimate for the same settings. Needs the
+    package's dependencies (pydantic, for the run config): without them it is skipped."""
+    try:
+        from .config import RunConfig
+        from .learner import Learner, shard
+        from .plan import plan
+    except ImportError as exc:
+        return {"skipped": f"needs the package's dependencies: {exc}"}
+    import torch.distributed as dist
+
+    cfg = RunConfig.model_validate({
+        "mode": "ray", "model": {"dtype": str(dtype).removeprefix("torch."), "block_size": BLOCK},
+        "teacher": {"backend": "hf", "top_k": TOP_K}, "curriculum": {"enabled": False},
+        "sampler": {"max_new_tokens": rollout_len}, "data": {"max_prompt_tokens": prompt_len},
+        "train": {"rollout_batch_size": 1, "micro_batch_size": 1, "activation_checkpointing": True,
+                  "lr": 1e-6, "min_lr": 1e-6, "warmup_steps": 0}})
+    planned = plan(cfg, 0.0, {**profile.model, "model_type": "qwen3"})["roles"]["learner"]
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # the check's own model
+    # A group of one, its store in this process.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    try:
+        student = build_student(profile, torch.device("cpu"))  # float32 on the CPU; shard() moves the shards
+        shard(student, dtype, device.type)
+        learner = Learner(student, cfg, total_steps=2)
+        g = torch.Generator().manual_seed(0)
+        rollout = Rollout(torch.randint(0, profile.mask_id, (prompt_len,), generator=g).tolist(),
+                          torch.randint(0, profile.mask_id, (rollout_len,), generator=g).tolist(), [0] * rollout_len)
+        top = torch.randn(rollout_len, TOP_K, generator=g).log_softmax(-1) - 0.1  # leaves a tail bin
+        targets = TokenTargets(top, torch.randint(0, profile.mask_id, (rollout_len, TOP_K), generator=g))
+        learner.train_step([rollout], [targets], 0)  # AdamW state exists from here on
+        _reset_peak(device)
+        start = time.perf_counter()
+        out = learner.train_step([rollout], [targets], 1)
+        _sync(device)
+        step_s = time.perf_counter() - start
+    finally:
+        dist.destroy_process_group()
+    peak = None if device.type != "cuda" else (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return {"prompt_len": prompt_len, "rollout_len": rollout_len, "positions": prompt_len + 2 * rollout_len,
+            "supervised_tokens": out["supervised_tokens"], "loss": out["loss"], "step_s": step_s,
+            "peak_memory_gib": peak, "planned_gib": planned["gb"], "planned_parts_gib": planned["parts"],
+            "measured_over_planned": None if peak is None else peak / planned["gb"]}
+
+
 def _timed(check: Check, fn) -> tuple[object, float]:
     _reset_peak(check.device)
     _sync(check.device)
@@ -355,6 +405,11 @@ def run(out: str, device: torch.device, tiny: bool, dtype: torch.dtype, batch_si
         report["learner"].append({"rollout_len": length, **_guarded(learner_figures, check, length, peak)})
         print("learner", json.dumps(report["learner"][-1]), flush=True)
         _write(report, out)
+    # The production learner at the paper's lengths (prompt 2048, rollout 4000) where it fits; --tiny: short.
+    prompt_len, rollout_len = (profile.prompt_len, profile.lengths[-1]) if tiny else (2048, 4000)
+    report["production_learner"] = _guarded(production_learner, profile, device, dtype, prompt_len, rollout_len)
+    print("production_learner", json.dumps(report["production_learner"]), flush=True)
+    _write(report, out)
     student.model.to(dtype)
     report["sampler_agreement"] = _guarded(sampler_agreement, check)
     print("sampler_agreement", json.dumps(report["sampler_agreement"]), flush=True)

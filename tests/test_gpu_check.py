@@ -2,6 +2,7 @@
 packages a bare GPU image may lack."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -38,7 +39,10 @@ def report(tmp_path_factory):
 
 
 def test_report_has_every_field(report):
-    assert set(report) == {"device", "model", "settings", "learner", "sampler_agreement", "sampling", "notes"}
+    assert set(report) == {"device", "model", "settings", "learner", "production_learner", "sampler_agreement",
+                           "sampling", "notes"}
+    # Without pydantic (a bare GPU image) the production learner step is skipped with the reason.
+    assert "pydantic" in report["production_learner"]["skipped"]
     assert {"name", "type", "peak_bf16_flops", "torch", "cuda", "transformers"} <= set(report["device"])
     assert report["device"]["type"] == "cpu" and report["device"]["peak_bf16_flops"] is None
     assert report["model"]["profile"] == "tiny" and report["model"]["matmul_parameters"] > 0
@@ -80,3 +84,14 @@ def test_without_cuda_the_full_check_exits_with_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA device visible"):
         gpu_check.main(["--out", "unused.json"])
+
+
+def test_the_production_learner_step_runs_at_world_one_beside_the_plan():
+    """The learner the Ray runs use (FSDP2 at world 1, checkpointing, chunked loss), one step on the tiny model;
+    on a GPU it records its peak beside the plan's estimate (here on the CPU: the step and the estimate)."""
+    from ar2dlm_ray import gpu_check
+
+    result = gpu_check.production_learner(gpu_check.PROFILES["tiny"], torch.device("cpu"), torch.float32, 8, 32)
+    assert result["supervised_tokens"] == 32 and result["positions"] == 72
+    assert math.isfinite(result["loss"]) and result["loss"] > 0 and result["planned_parts_gib"]
+    assert result["peak_memory_gib"] is None  # CUDA only
