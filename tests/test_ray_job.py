@@ -229,7 +229,8 @@ def _pools_while_running(dash: int, port: int, env: dict, runs: dict) -> dict:
                               "shared"], env=env, capture_output=True, text=True, timeout=120)
         named = rf"\[pools\] cluster at [\d.]+:{port} \(dashboard {url}\), run 'shared'"
         if one.returncode == 0 and re.fullmatch(named, one.stdout.partition("\n")[0]):
-            shown["shared"] = json.loads(one.stdout[one.stdout.index("{"):])
+            # The object alone: Ray may print its own warnings after it (a raylet's "N workers started").
+            shown["shared"] = json.JSONDecoder().raw_decode(one.stdout[one.stdout.index("{"):])[0]
     return shown
 
 
