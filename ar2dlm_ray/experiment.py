@@ -29,7 +29,7 @@ import torch
 
 from .config import ExperimentConfig, RunConfig, StartupError, dump_config, load_config
 from .findings import first_reach, findings, format_findings, mean_ci, paired
-from .outputs import check_output_dir, is_marked, write_marker
+from .outputs import check_output_dir, is_marked, write_marker, write_text_atomic
 
 RUN_STEPS = 1_000_000_000  # runs end at their last budget, never by step count
 
@@ -61,10 +61,7 @@ def code_version() -> str:
 
 
 def _atomic_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 class Experiment:

@@ -31,6 +31,7 @@ from safetensors import safe_open
 
 from .config import ConfigError, RunConfig, RunError, dump_config
 from .data import default_cache_dir
+from .outputs import write_text_atomic
 from .student import SPEC_FILE
 
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")
@@ -382,9 +383,7 @@ def trim_metrics(metrics_path: Path, step: int, log: Callable = print) -> None:
     if damaged:
         log(f"[train] {metrics_path}: dropped {len(damaged)} damaged line(s) (line {', '.join(map(str, damaged))}: "
             f"cut short or without a step); the rest is kept")
-    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, metrics_path)
+    write_text_atomic(metrics_path, "".join(k + "\n" for k in kept))
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
