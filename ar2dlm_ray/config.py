@@ -350,14 +350,16 @@ class LearnerGroupConfig(PoolResources):
     num_workers: int = Field(1, gt=0)
     max_restarts: int = Field(0, ge=-1, description="a learner restart loses the process group; resume instead")
     publish_every: int = Field(1, gt=0, description="optimiser steps between published weight versions")
-    max_staleness: int = Field(1, ge=0, description="oldest trained-on rollout, in versions behind the learner")
+    max_staleness: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="oldest trained-on rollout, in versions behind the learner; auto: what keeps every "
+                            "rollout worker and teacher replica busy, following the pool sizes (cluster/admission.py)")
     stale_policy: Literal["drop", "regenerate"] = "drop"
     transport: Literal["object_store", "collective"] = "object_store"
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, else gloo")
 
     @model_validator(mode="after")
     def _reachable(self) -> "LearnerGroupConfig":
-        if self.max_staleness < self.publish_every - 1:
+        if self.max_staleness != "auto" and self.max_staleness < self.publish_every - 1:
             raise ValueError(f"max_staleness ({self.max_staleness}) must be >= publish_every - 1 "
                              f"({self.publish_every - 1}): between publications rollouts fall that far behind")
         return self

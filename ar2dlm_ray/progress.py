@@ -20,11 +20,13 @@ class Progress:
         self.started = time.monotonic()
 
     def line(self, step: int, loss: float, tokens_trained: int, drops: int, extra: str = "",
-             now: float | None = None) -> str:
+             now: float | None = None, step_drops: int | None = None) -> str:
         elapsed = max((time.monotonic() if now is None else now) - self.started, 1e-9)
         done = step - self.start_step
         eta = (self.total_steps - step) * elapsed / done if done > 0 else 0.0
         tokens_per_s = (tokens_trained - self.start_tokens) / elapsed
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        # `step_drops`: those since the last line, so that a burst shows where it happened.
+        recent = f" (+{step_drops})" if step_drops is not None else ""
         return (f"[train] {stamp} step {step}/{self.total_steps} loss {loss:.4f} tokens/s {tokens_per_s:.0f} "
-                f"eta {_clock(eta)} drops {drops}" + (f" {extra}" if extra else ""))
+                f"eta {_clock(eta)} drops {drops}{recent}" + (f" {extra}" if extra else ""))

@@ -30,7 +30,6 @@ from ..runs import local_dir, save_dir
 from ..teacher import build_teacher
 from ..models import build_student, param_count
 from ..student import resolve_device
-from .admission import Admission
 from .controller import current_members
 from .delivery import LEDGER_NAME
 from .messages import ProduceStats, RolloutBatch, ScoreStats
@@ -256,7 +255,6 @@ class LearnerWorker:
         self.cfg, self.rank, self.world, self.queue = cfg, rank, world, queue
         self.student = self.build_student(cfg, teacher_path)
         self.learner = None  # built by init_group: sharding needs the process group
-        self.admission = Admission.from_config(cfg, total_steps)
         self.total_steps, self.prefetched = total_steps, None
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.ledger = ray.get_actor(LEDGER_NAME)
@@ -356,8 +354,8 @@ class LearnerWorker:
         return self.learner.state_dict()
 
     # ---- training ---------------------------------------------------------------------------------
-    def _next_item(self, step: int, newest: int, counts: dict) -> dict | None:
-        """A rollout batch at most `max_staleness` versions behind `step` (dropping or regenerating);
+    def _next_item(self, step: int, newest: int, staleness: int, counts: dict) -> dict | None:
+        """A rollout batch at most `staleness` versions behind `step` (dropping or regenerating);
         None when the queue stays empty, so the driver can feed the producers and call again."""
         cfg = self.cfg.learner
         while True:
@@ -367,7 +365,7 @@ class LearnerWorker:
             stats = item.stats
             n = len(item.rollouts)
             counts["consumed"].append(stats)
-            fresh = self.admission.fresh(step, stats.version)
+            fresh = step - stats.version <= staleness
             if not ray.get(self.ledger.claim.remote(stats.batch, "trained" if fresh or cfg.stale_policy ==
                                                      "regenerate" else "dropped")):
                 # A second delivery of a batch already trained or dropped (its first producer died after
@@ -398,14 +396,14 @@ class LearnerWorker:
         return {"dropped_stale": 0, "regenerated": 0, "dropped_batches": 0, "retried": 0, "discarded_duplicates": 0,
                 "consumed": []}
 
-    def _prefetch(self, step: int, newest: int) -> None:
+    def _prefetch(self, step: int, newest: int, staleness: int) -> None:
         """Fetch the batch of `step` on a thread while this one trains: taking a batch (tens of MB of targets
         through the queue actor) then costs the learner nothing between steps."""
         box = {"counts": self._counts(), "item": None, "error": None}
 
         def fetch():
             try:
-                box["item"] = self._next_item(step, newest, box["counts"])
+                box["item"] = self._next_item(step, newest, staleness, box["counts"])
             except BaseException as exc:  # noqa: BLE001 - raised by the train call that wanted the batch
                 box["error"] = exc
 
@@ -413,8 +411,9 @@ class LearnerWorker:
         box["thread"].start()
         self.prefetched = box
 
-    def train(self, step: int, newest: int) -> dict:
-        """One optimiser step; `newest` is the newest published version (for regeneration)."""
+    def train(self, step: int, newest: int, staleness: int) -> dict:
+        """One optimiser step; `newest` is the newest published version (for regeneration), `staleness` how many
+        versions behind `step` a batch may be (the driver's admission bound, which follows the pools)."""
         start = time.perf_counter()
         counts, item = self._counts(), None
         box, self.prefetched = self.prefetched, None
@@ -425,12 +424,12 @@ class LearnerWorker:
             # The driver asks for step k + 1 right after step k (a starved call starts no prefetch).
             item, counts = box["item"], box["counts"]  # with what fetching it took (drops, duplicates)
         if item is None:
-            item = self._next_item(step, newest, counts)
+            item = self._next_item(step, newest, staleness, counts)
         if item is None:
             return {**counts, "starved": True}
         t_data = time.perf_counter()
         if step + 1 < self.total_steps:
-            self._prefetch(step + 1, newest)
+            self._prefetch(step + 1, newest, staleness)
         rollouts, targets, produced = item.rollouts, item.targets, item.stats
         out = self.learner.train_step(rollouts, targets, step)
         now = time.perf_counter()

@@ -208,6 +208,7 @@ class RayTrainer:
                  f"learner={len(self.learners)} student={self.n_student / 1e6:.2f}M params start_step={self.step}")
         max_batch = self.start_batch - 1
         progress = Progress(self.step, self.total_steps, self.accounting["tokens_trained"])
+        self.drops = shown = self.accounting["dropped_stale"] + self.accounting["discarded_duplicates"]
         tracker = Tracker(cfg, self.log)
         stop = StopRequest()
         while self.step < self.total_steps:
@@ -226,10 +227,12 @@ class RayTrainer:
             if cfg.logging.progress and self.step % cfg.logging.log_every == 0:
                 pools = " ".join(f"{k[0]}{n}" for k, n in record["pools"].items())
                 self.log(progress.line(self.step, record["loss"], self.accounting["tokens_trained"],
-                                       record["dropped_stale"] + record["discarded_duplicates"],
-                                       f"version lag {record['version_lag']} queue {record['queue_depth']} "
+                                       self.drops,
+                                       f"version lag {record['version_lag']} in flight {record['in_flight']} "
                                        f"scoring {record['score_backlog']} pools {pools} "
-                                       f"tokens {self.accounting['tokens_trained']} {record['step_s']:.1f}s"))
+                                       f"tokens {self.accounting['tokens_trained']} {record['step_s']:.1f}s",
+                                       step_drops=self.drops - shown))
+                shown = self.drops
             if checkpoint_due(self.step, self.total_steps, cfg.train.checkpoint_every) or stop.requested:
                 with self.nodes.explaining(self.placement, self.learners[0], f"learner-0 failed writing the checkpoint "
                                            f"of step {self.step}; the checkpoints before it are intact"):
@@ -272,7 +275,7 @@ class RayTrainer:
     def _step_all(self) -> list[dict]:
         """One optimiser step on every learner rank, feeding the producers meanwhile."""
         self.producers.pump(self.step)
-        calls = {lw.train.remote(self.step, self._published()): rank for rank, lw in enumerate(self.learners)}
+        calls = {self._train(lw): rank for rank, lw in enumerate(self.learners)}
         # The queue depths recorded with this step, asked now so that the answers do not hold up its end.
         self.depths = [self.queue.actor.qsize.remote(), self.score_queue.actor.qsize.remote()]
         results: dict[int, dict] = {}
@@ -302,11 +305,19 @@ class RayTrainer:
                 self._account(res["consumed"])
                 self.admission.replace_dropped(res["dropped_batches"])
                 if res.get("starved"):
-                    calls[self.learners[rank].train.remote(self.step, self._published())] = rank
+                    calls[self._train(self.learners[rank])] = rank
                 else:
                     results[rank] = res
             self.producers.pump(self.step)
         return [results[r] for r in sorted(results)]
+
+    def _drops_step(self) -> int:
+        """Rollouts dropped as stale or discarded as duplicates since the last step."""
+        before, self.drops = self.drops, self.accounting["dropped_stale"] + self.accounting["discarded_duplicates"]
+        return self.drops - before
+
+    def _train(self, learner):
+        return learner.train.remote(self.step, self._published(), self.admission.bound(self.step))
 
     def _record(self, results: list[dict], step_s: float) -> dict:
         cfg, acc = self.cfg, self.accounting
@@ -332,14 +343,15 @@ class RayTrainer:
             "mean_gen_len": tokens / max(1, sum(r["trained_on"] for r in results)),
             "tokens_trained": acc["tokens_trained"], "tokens_per_forward": tokens / forwards if forwards else None,
             "version": min(p.version for p in produced), "version_lag": max(r["version_lag"] for r in results),
-            "queue_depth": self.admission.ahead, "ready_depth": ready,
+            "queue_depth": self.admission.ahead, "in_flight": self.admission.ahead,
+            "staleness_bound": self.admission.staleness, "ready_depth": ready,
             "score_backlog": scoring, "pools": self.producers.sizes(),
             "busy": {**busy, "learner": train_s / step_s}, "rollout_s": max(p.rollout_s for p in produced),
             "teacher_s": max(p.teacher_s for p in produced), "train_s": train_s,
             "wait_s": max(r["wait_s"] for r in results), "publish_s": results[0]["publish_s"], "step_s": step_s,
             "tokens_per_s": tokens / step_s,
             "dropped_stale": acc["dropped_stale"], "discarded_duplicates": acc["discarded_duplicates"],
-            "regenerated": acc["regenerated"], "retried": acc["retried"],
+            "drops_step": self._drops_step(), "regenerated": acc["regenerated"], "retried": acc["retried"],
             **flops(acc, self.n_teacher, self.n_student, self.block_size),
         }
 

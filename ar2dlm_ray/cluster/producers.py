@@ -67,7 +67,7 @@ class Producers:
     def begin(self, admission, next_batch: int, step: int) -> None:
         """A run starts (or resumes) at `step`, producing from batch `next_batch`."""
         self.admission, self.next_batch, self.step = admission, next_batch, step
-        self._set_producers()
+        self.log(f"[ray] {self._set_producers()}")
         self.inflight: dict = {}
         self.unassigned: deque = deque()  # (batch, attempt, worker to avoid): admitted, not yet with a worker
         self.failures: dict[str, int] = {}
@@ -239,8 +239,7 @@ class Producers:
         self.events.append({"step": self.step, "time_s": round(time.monotonic() - self.t_start, 3), "pool": kind,
                             "from": before, "to": size, "why": why})
         self.log(f"[ray] {kind} pool {before} -> {size} ({why}): starting {[m.name for m in started]}, "
-                 f"draining {[m.name for m in draining]}")
-        self._set_producers()
+                 f"draining {[m.name for m in draining]}; {self._set_producers()}")
         self._retire()
         self._report()
 
@@ -253,9 +252,15 @@ class Producers:
                 self.log(f"[ray] {member.name} drained and stopped")
                 self._report()
 
-    def _set_producers(self) -> None:
+    def _set_producers(self) -> str:
+        """Admission follows the pool sizes; what it now allows, for the log."""
         scorers = self.pools["teacher"].size if self.recipe.distill else 0
-        self.admission.producers = self.pools["rollout"].size + scorers
+        adm = self.admission
+        adm.resize(self.pools["rollout"].size + scorers, self.step)
+        bound = f"auto ({adm.staleness} now)" if adm.max_staleness is None else adm.staleness
+        what = f"admission for {adm.producers} producers, {adm.learners} learner(s): learner.max_staleness={bound}"
+        short = adm.shortfall()
+        return f"{what}; {short}" if short else what
 
     def sizes(self) -> dict[str, int]:
         return {**{k: p.size for k, p in self.pools.items()}, "learner": self.learners}
