@@ -248,14 +248,13 @@ STARVED_S = 2.0  # a learner waiting longer for a batch hands control back to th
 
 
 class LearnerWorker:
-    def __init__(self, cfg, teacher_path: str, rank: int, world: int, total_steps: int, queue,
-                 worker_names: list[str]):
+    def __init__(self, cfg, teacher_path: str, rank: int, world: int, queue, worker_names: list[str]):
         _setup_process(cfg.ray.actor_threads)
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.rank, self.world, self.queue = cfg, rank, world, queue
         self.student = self.build_student(cfg, teacher_path)
         self.learner = None  # built by init_group: sharding needs the process group
-        self.total_steps, self.prefetched = total_steps, None
+        self.total_steps, self.prefetched = None, None  # set by init_group: the driver learns it from the data
         self.transport = build_transport(cfg.learner.transport, ray.get_actor(REGISTRY_NAME))
         self.ledger = ray.get_actor(LEDGER_NAME)
         self.workers = RoundRobin(worker_names, "rollout", start=rank, call_timeout_s=cfg.rollout.call_timeout_s)
@@ -286,9 +285,10 @@ class LearnerWorker:
     def _store(self, addr: str, port: int, rank: int, world: int):
         return self.stores.pop(port) if rank == 0 else join_store(addr, port, world)
 
-    def init_group(self, addr: str, port: int) -> None:
+    def init_group(self, addr: str, port: int, total_steps: int) -> None:
         import torch.distributed as dist
 
+        self.total_steps = total_steps
         backend = self.cfg.learner.backend
         if backend == "auto":
             backend = "nccl" if resolve_device(self.cfg.model.device).type == "cuda" else "gloo"

@@ -139,19 +139,20 @@ class RayTrainer:
                                                                 "rollout": self._start_rollout},
                                    self.reservation, self.score_queue, self.controller, self.fixed,
                                    cfg.learner.num_workers, self.accounting)
-        self.producers.start(_started)
-        self.placement = self.producers.placement
-        first = self.placement["rollout"][0]
-        self.total_steps = cfg.train.max_steps or -(-first["num_prompts"] // cfg.train.rollout_batch_size)
+        self.producers.start()
         world = cfg.learner.num_workers
         placed = self.reservation.options
         self.learners = [ray.remote(self.roles.learner).options(**placed("learner", cfg.learner, f"learner-{r}")).remote(
-            cfg, self.teacher_path, r, world, self.total_steps, self.queue, self.producers.pools["rollout"].names())
+            cfg, self.teacher_path, r, world, self.queue, self.producers.pools["rollout"].names())
             for r in range(world)]
+        self.producers.started(_started)
+        self.placement = self.producers.placement
+        first = self.placement["rollout"][0]
+        self.total_steps = cfg.train.max_steps or -(-first["num_prompts"] // cfg.train.rollout_batch_size)
         self.placement["learner"] = _started(self.learners, [f"learner-{r}" for r in range(world)])
         # A group of one too: the learner is sharded (FSDP2) at any size, one code path.
         addr, port = ray.get(self.learners[0].rendezvous.remote(world))
-        ray.get([lw.init_group.remote(addr, port) for lw in self.learners])
+        ray.get([lw.init_group.remote(addr, port, self.total_steps) for lw in self.learners])
         if cfg.learner.transport == "collective":
             size = len(self.workers) + 1
             addr, port = ray.get(self.learners[0].rendezvous.remote(size))

@@ -56,10 +56,16 @@ class Producers:
         self.pools = {"teacher": Pool("teacher", start["teacher"]), "rollout": Pool("rollout", start["rollout"])}
         self.placement: dict[str, list[dict]] = {}
 
-    def start(self, started: Callable[[list, list[str]], list[dict]]) -> None:
-        """The pools at their configured sizes, waiting until every actor is up (`started` returns their info)."""
-        for kind, size in (("teacher", self.cfg.teacher.num_replicas), ("rollout", self.cfg.rollout.num_workers)):
-            members, _ = self.pools[kind].resize(size)
+    def start(self) -> None:
+        """The pools at their configured sizes, every actor constructing at once (`started` waits for them):
+        each one's imports and model load overlap the others' (and the learners')."""
+        self.starting = {kind: self.pools[kind].resize(size)[0]
+                         for kind, size in (("teacher", self.cfg.teacher.num_replicas),
+                                            ("rollout", self.cfg.rollout.num_workers))}
+
+    def started(self, started: Callable[[list, list[str]], list[dict]]) -> None:
+        """Wait until every actor `start` began is up (`started` returns their info)."""
+        for kind, members in self.starting.items():
             self.placement[kind] = started([m.handle for m in members], [m.name for m in members])
             for member in members:
                 self.pools[kind].activate(member.name)
