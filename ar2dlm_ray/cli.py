@@ -226,6 +226,10 @@ def cmd_bench(args) -> None:
 
         cfg = load_config(args.config, args.overrides)
         return _report(bench_memory(cfg, load_model_config(cfg.model.student or cfg.model.teacher)), args.out)
+    if args.what == "scaling":
+        from .cluster.bench_scaling import bench_scaling
+
+        return _report(bench_scaling(args.config, args.overrides, quick=args.quick, log=_log), args.out)
     if args.what == "pipeline":
         from .cluster.bench import bench_pipeline
 
@@ -485,10 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="rerunnable benchmarks (ratios measured side by side in one run)")
-    p.add_argument("what", choices=["sampler", "pipeline", "orchestration", "teacher", "weights", "memory",
+    p.add_argument("what", choices=["sampler", "pipeline", "scaling", "orchestration", "teacher", "weights", "memory",
                                          "learner"],
                    help="sampler: KV-cached decoding vs full recomputation; "
                         "pipeline: the Ray run synchronous vs asynchronous (trained tokens/s, learner busy fraction); "
+                        "scaling: tokens/s at pools 1/1/1, 2/2/1, 3/2/1 under the default staleness, real and "
+                        "simulated (with 16/8/4), stale drops; "
                         "orchestration: the real driver, queues and actors with stand-in stage costs, pools up to "
                         "16/8/4, throughput against the bottleneck's bound; "
                         "teacher: HF vs vLLM scoring tokens/s on the config's teacher and each --model; "
@@ -510,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", type=_positive_int, default=2, help="learner: learner processes")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights")
     p.add_argument("--json", action="store_true", help="weights, orchestration: print only the result JSON on stdout")
-    p.add_argument("--quick", action="store_true", help="orchestration: the small pool sizes only")
+    p.add_argument("--quick", action="store_true", help="orchestration: the small pool sizes only; scaling: the "
+                                                         "real runs only")
     _add_overrides(p)
     p.set_defaults(func=cmd_bench)
 

@@ -108,7 +108,7 @@ def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro
 
     steps = 10
     cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
-        "train.max_steps": steps, "learner.max_staleness": 2}))
+        "train.max_steps": steps}))
     logs: list[str] = []
     trainer = RayTrainer(cfg, logs.append)
     address = ray.get_runtime_context().gcs_address
@@ -162,6 +162,11 @@ def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro
     sizes = [m["pools"]["rollout"] for m in metrics]
     assert sizes[:2] == [1, 1] and 3 in sizes and sizes[-1] == 1, sizes
     assert any("pools t2 r3 l1" in line for line in logs), "pool sizes in the step log"
+    # learner.max_staleness: auto follows the producers (ceil(P / L) + publish_every + 1 for P = 2, 5, 2).
+    bounds = [m["staleness_bound"] for m in metrics]
+    assert bounds[0] == 4 and 7 in bounds and bounds[-1] == 4, bounds
+    assert any("learner.max_staleness=auto (7 now)" in line for line in logs)
+    assert any(re.search(r" drops \d+ \(\+\d+\) .*in flight \d+ ", line) for line in logs)
     for name in ("rollout-1", "rollout-2", "teacher-1"):
         assert any(f"{name} joined" in line for line in logs), name
         assert any(f"{name} drained and stopped" in line for line in logs), name
