@@ -264,9 +264,8 @@ class Producers:
         adm = self.admission
         adm.resize(self.pools["rollout"].size + scorers, self.step)
         bound = f"auto ({adm.staleness} now)" if adm.max_staleness is None else adm.staleness
-        what = f"admission for {adm.producers} producers, {adm.learners} learner(s): learner.max_staleness={bound}"
-        short = adm.shortfall()
-        return f"{what}; {short}" if short else what
+        return (f"admission for {adm.producers} producers, {adm.learners} learner(s): "
+                + (adm.shortfall() or f"learner.max_staleness={bound}"))
 
     def sizes(self) -> dict[str, int]:
         return {**{k: p.size for k, p in self.pools.items()}, "learner": self.learners}
