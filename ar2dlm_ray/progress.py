@@ -4,6 +4,9 @@ the trainer's own fields."""
 from __future__ import annotations
 
 import time
+from collections import deque
+
+WINDOW = 10  # step lines that tokens/s is measured over: it follows a resize or a slowdown within a few steps
 
 
 def _clock(seconds: float) -> str:
@@ -12,19 +15,26 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """Throughput and ETA over the steps taken by this process (a resumed run's earlier steps took no time
-    here, so they must not count)."""
+    """ETA over the steps taken by this process (a resumed run's earlier steps took no time here, so they must
+    not count); tokens/s over the last WINDOW step lines (since the start until there are that many)."""
 
     def __init__(self, start_step: int, total_steps: int, start_tokens: int = 0):
         self.start_step, self.total_steps, self.start_tokens = start_step, total_steps, start_tokens
         self.started = time.monotonic()
+        self.recent: deque = deque(maxlen=WINDOW)  # (time, tokens trained) at the last lines
+
+    def tokens_per_s(self, now: float, tokens_trained: int) -> float:
+        then, before = self.recent[0] if len(self.recent) == WINDOW else (self.started, self.start_tokens)
+        self.recent.append((now, tokens_trained))
+        return (tokens_trained - before) / max(now - then, 1e-9)
 
     def line(self, step: int, loss: float, tokens_trained: int, drops: int, extra: str = "",
              now: float | None = None, step_drops: int | None = None) -> str:
-        elapsed = max((time.monotonic() if now is None else now) - self.started, 1e-9)
+        now = time.monotonic() if now is None else now
+        elapsed = max(now - self.started, 1e-9)
         done = step - self.start_step
         eta = (self.total_steps - step) * elapsed / done if done > 0 else 0.0
-        tokens_per_s = (tokens_trained - self.start_tokens) / elapsed
+        tokens_per_s = self.tokens_per_s(now, tokens_trained)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         # `step_drops`: those since the last line, so that a burst shows where it happened.
         recent = f" (+{step_drops})" if step_drops is not None else ""

@@ -9,6 +9,7 @@ their own global step.
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,20 @@ def run_name(cfg: RunConfig) -> str:
     if not cfg.logging.run_name:
         cfg.logging.run_name = f"{Path(cfg.train.out_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg.logging.run_name
+
+
+def saved_run_name(cfg: RunConfig) -> str | None:
+    """The name that the run in train.out_dir started with (its config.json holds it), for its --resume: a
+    resumed run stays one run in Grafana and W&B. None when `logging.run_name` names the run, or the run
+    directory holds no name."""
+    if cfg.logging.run_name:
+        return None
+    run = RunStorage(cfg.train.out_dir)
+    run.fetch("config.json")
+    try:
+        return json.loads((run.local / "config.json").read_text())["logging"]["run_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class Tracker:

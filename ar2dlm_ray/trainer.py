@@ -24,7 +24,7 @@ from .runs import RunStorage, StopRequest, check_run_dir, checkpoint_due, flops,
 from .models import build_student, param_count, resolve_teacher_path
 from .student import load_student
 from .teacher import build_teacher
-from .tracking import Tracker
+from .tracking import Tracker, run_name, saved_run_name
 
 
 class LocalTrainer:
@@ -148,4 +148,7 @@ class LocalTrainer:
 def train(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite: bool = False,
           allow_change: tuple[str, ...] = ()) -> dict:
     check_run_dir(cfg.train.out_dir, cfg.logging.metrics_file, resume, overwrite, cfg.ray.connect_timeout_s)  # before work
+    if resume:
+        cfg.logging.run_name = saved_run_name(cfg) or cfg.logging.run_name
+    run_name(cfg)  # fixed before config.json is written: a resume takes it from there
     return LocalTrainer(cfg, log).run(resume=resume, overwrite=overwrite, allow_change=allow_change)

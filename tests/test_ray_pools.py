@@ -24,6 +24,24 @@ def _metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+SAMPLE = re.compile(r'^(ray_ar2dlm_\w+)\{(.*)\} (\S+)$')
+
+
+def _exported() -> list[tuple[str, dict, float]]:
+    """The ar2dlm series that Ray exports for Prometheus now: (name, labels, value)."""
+    import urllib.request
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}", timeout=10).read().decode()
+    return [(m[1], dict(re.findall(r'(\w+)="([^"]*)"', m[2])), float(m[3]))
+            for m in map(SAMPLE.match, text.splitlines()) if m]
+
+
+def _scrape_until(done: threading.Event, scrapes: list) -> None:
+    while not done.wait(1.0):
+        scrapes.append((time.monotonic(), _exported()))
+
+
 def _check_accounting(summary: dict, metrics: list[dict], batch_size: int) -> None:
     acc, delivery = summary["accounting"], summary["delivery"]
     trained = [b for m in metrics for b in m["batches"]]
@@ -130,6 +148,9 @@ def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro
             answers["refused"] = run("scale", *where, "learner=2")
             answers["no_room"] = run("scale", *where, "rollout=50")
             answers["up"] = run("scale", *where, "rollout=3", "teacher=2")
+            trainer.producers.next_poll = 0.0
+            trainer.producers.pump(trainer.step)  # the resize applied: the new actors are starting
+            answers["starting"] = trainer.producers.sizes(), trainer.producers.joined()
             _drive_until(trainer, lambda: _settled(trainer, 3, 2))
         if out["step"] == 6:
             answers["down"] = ray.get(ray.get_actor(CONTROLLER_NAME).scale.remote({"rollout": 1, "teacher": 1}))
@@ -138,9 +159,15 @@ def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro
         return out
 
     trainer._record = record_then_operate
+    scrapes: list = []
+    done = threading.Event()
+    scraper = threading.Thread(target=_scrape_until, args=(done, scrapes))
+    scraper.start()
     try:
         summary = trainer.run()
     finally:
+        done.set()
+        scraper.join()
         trainer.close()
     metrics = _metrics(tmp_path)
     assert answers["refused"].returncode == 2 and answers["refused"].stderr.strip().splitlines() == [
@@ -170,6 +197,7 @@ def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro
     for name in ("rollout-1", "rollout-2", "teacher-1"):
         assert any(f"{name} joined" in line for line in logs), name
         assert any(f"{name} drained and stopped" in line for line in logs), name
+    _check_monitoring(metrics, scrapes, answers["starting"], cfg, tmp_path)
     work = summary["pools"]["batches_delivered"]
     assert work.get("rollout-1", 0) + work.get("rollout-2", 0) > 0 and work.get("teacher-1", 0) > 0, work
     assert summary["steps"] == steps
@@ -179,6 +207,36 @@ def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro
     acc, delivery = summary["accounting"], summary["delivery"]
     assert acc["rolled_out"] == 8 * (delivery["trained"] + delivery["dropped"] + delivery["discarded_duplicates"]
                                      + len(delivery["left_in_queue_ids"])), (acc, delivery)
+
+
+def _check_monitoring(metrics: list[dict], scrapes: list, starting: tuple, cfg, out_dir) -> None:
+    """What Ray exported while the run lived (scraped every second), against metrics.jsonl and the step line."""
+    # The step line and metrics.jsonl show the actors that have joined, not the sizes asked for.
+    asked, joined = starting
+    assert asked["rollout"] == 3 and asked["teacher"] == 2 and joined["rollout"] == 1 and joined["teacher"] == 1
+    assert all(0.0 <= f <= 1.0 for m in metrics for f in m["busy"].values()), [m["busy"] for m in metrics]
+    # The `run` label is the name that config.json keeps for a --resume (an earlier test's series may linger).
+    assert json.loads((out_dir / "config.json").read_text())["logging"]["run_name"] == cfg.logging.run_name
+    scrapes = [[(name, labels, value) for name, labels, value in samples if labels["run"] == cfg.logging.run_name]
+               for _, samples in scrapes]
+    # Every pool gauge, from its first export to the run's end, in every scrape, labelled by pool (no actor).
+    pools = [{labels["pool"]: (labels, value) for name, labels, value in samples if name == "ray_ar2dlm_pool_size"}
+             for samples in scrapes]
+    first = next(i for i, p in enumerate(pools) if len(p) == 3)
+    assert all(set(p) == {"rollout", "teacher", "learner"} for p in pools[first:]), pools
+    assert all("actor" not in labels for p in pools for labels, _ in p.values())
+    assert {p["rollout"][1] for p in pools[first:]} <= {1.0, 2.0, 3.0}
+    # queue_depth is the step line's `in flight` (metrics.jsonl's queue_depth).
+    depths = {value for samples in scrapes for name, _, value in samples if name == "ray_ar2dlm_queue_depth"}
+    assert depths and depths <= {float(m["queue_depth"]) for m in metrics}, depths
+    # A drained actor's series end with it (its running totals included), while the others go on.
+    drained = {"rollout-1", "rollout-2", "teacher-1"}
+    seen = {labels.get("actor") for samples in scrapes for _, labels, _ in samples}
+    assert drained <= seen and {"rollout-0", "teacher-0", "learner-0"} <= seen, seen
+    deadline = time.monotonic() + 60
+    while {labels.get("actor") for _, labels, _ in _exported() if labels["run"] == cfg.logging.run_name} & drained:
+        assert time.monotonic() < deadline, "a drained actor's metrics are still exported"
+        time.sleep(1)
 
 
 def test_a_recipe_without_teacher_targets_skips_the_scoring_stage(micro_teacher, tmp_path, local_ray):  # noqa: F811

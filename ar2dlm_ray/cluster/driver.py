@@ -29,7 +29,7 @@ from ..config import ConfigError, RunConfig, RunError, StartupError, dump_config
 from ..progress import Progress
 from ..rollout import RECIPES
 from ..runs import RunStorage, StopRequest, check_run_dir, checkpoint_due, flops, prepare_run_dir, sibling
-from ..tracking import Tracker, run_name
+from ..tracking import Tracker, run_name, saved_run_name
 from ..models import resolve_teacher_path
 from .actors import LearnerWorker, RolloutWorker, TeacherServer
 from .address import wait_until_reachable
@@ -101,8 +101,13 @@ class Roles:
 
 
 class RayTrainer:
-    def __init__(self, cfg: RunConfig, log: Callable = print, roles: Roles = Roles()):
+    def __init__(self, cfg: RunConfig, log: Callable = print, roles: Roles = Roles(), resume: bool = False):
+        """`resume`: the run in train.out_dir is to be resumed (`run(resume=True)`); its actors are tagged with
+        the name it started with."""
+        saved = saved_run_name(cfg) if resume else None  # before connect(), which may name the run
         embedded = connect(cfg, log)
+        if saved:
+            cfg.logging.run_name = saved
         cfg = absolute_out_dir(cfg, log)  # one run directory for the driver and every actor
         check_memory(cfg, log)  # what cannot fit is refused before any actor starts
         self.cfg, self.log, self.roles = cfg, log, roles
@@ -220,6 +225,7 @@ class RayTrainer:
             self.nodes.report_new(self.placement, self.log)
             now = time.perf_counter()
             record = self._record(results, now - t0)
+            self.metrics.set("queue_depth", record["queue_depth"])  # the gauge is what the step line shows
             max_batch = max([max_batch] + [r["produced"].batch for r in results])
             self.step += 1
             with metrics_path.open("a") as fh:
@@ -333,7 +339,6 @@ class RayTrainer:
         distill_kl = cfg.train.divergence == "forward_kl" and RECIPES[cfg.train.recipe].distill
         train_s = max(r["train_s"] for r in results)
         ready, scoring = ray.get(self.depths)
-        self.metrics.set("queue_depth", ready)
         busy = self.producers.step_done(step_s, train_s, scoring)
         return {
             "step": self.step + 1, "batch": produced[0].batch, "batches": [p.batch for p in produced],
@@ -346,8 +351,9 @@ class RayTrainer:
             "version": min(p.version for p in produced), "version_lag": max(r["version_lag"] for r in results),
             "queue_depth": self.admission.ahead, "in_flight": self.admission.ahead,
             "staleness_bound": self.admission.staleness, "ready_depth": ready,
-            "score_backlog": scoring, "pools": self.producers.sizes(),
-            "busy": {**busy, "learner": train_s / step_s}, "rollout_s": max(p.rollout_s for p in produced),
+            "score_backlog": scoring, "pools": self.producers.joined(),
+            "busy": {**busy, "learner": sum(min(r["train_s"], step_s) for r in results) / (n * step_s)},
+            "rollout_s": max(p.rollout_s for p in produced),
             "teacher_s": max(p.teacher_s for p in produced), "train_s": train_s,
             "wait_s": max(r["wait_s"] for r in results), "publish_s": results[0]["publish_s"], "step_s": step_s,
             "tokens_per_s": tokens / step_s,
@@ -386,6 +392,9 @@ class RayTrainer:
     def close(self) -> None:
         """Stop the pools (they would die with a job's driver anyway, but not in a shared Ray)."""
         members = self.producers.members() if self.producers else []
+        if self.producers:
+            self.producers.close_metrics()
+            self.metrics.close()
         self.reservation.release()
         _stop({**self._shared(), **{m.name: m.handle for m in members},
                **{f"learner-{r}": lw for r, lw in enumerate(self.learners)}})
@@ -465,7 +474,7 @@ def _exists(name: str) -> bool:
 def train(cfg: RunConfig, resume: bool = False, log: Callable = print, overwrite: bool = False,
           allow_change: tuple[str, ...] = (), resume_hint: str | None = None) -> dict:
     check_run_dir(cfg.train.out_dir, cfg.logging.metrics_file, resume, overwrite)  # before starting pools
-    trainer = RayTrainer(cfg, log)
+    trainer = RayTrainer(cfg, log, resume=resume)
     if resume_hint:  # a lost driver (its node, an OOM kill) says nothing: the command is in the log from the start
         log(f"[train] should this driver be lost, continue the run from its last checkpoint with: {resume_hint}")
     try:

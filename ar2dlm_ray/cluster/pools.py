@@ -81,3 +81,15 @@ class Pool:
         for member in done:
             del self.members[member.name]
         return done
+
+
+def busy_seconds(spans: list[tuple[float, float]], counted: float, start: float, end: float) -> tuple[float, float]:
+    """How many seconds of the window [start, end] one actor was busy: the union of its busy `spans` (start,
+    end), less the time up to `counted`, which was counted before; so an actor never counts more than the
+    window, however its spans overlap. Returns (seconds, the new `counted`)."""
+    low = max(counted, start)
+    busy, reach = 0.0, low
+    for a, b in sorted((max(a, low), min(b, end)) for a, b in spans):
+        busy += max(0.0, b - max(a, reach))
+        reach = max(reach, b)
+    return busy, max(counted, reach)

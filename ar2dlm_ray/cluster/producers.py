@@ -22,7 +22,7 @@ from ..config import RunConfig, RunError
 from ..tracking import run_name
 from .autoscale import Autoscaler
 from .metrics import Metrics
-from .pools import Member, Pool
+from .pools import Member, Pool, busy_seconds
 
 PER_WORKER = 2  # rollout batches a worker holds: the one it rolls out and the next
 PULL_WAIT_S = 0.5  # a teacher's empty poll: short, so direct calls queued behind it wait little
@@ -52,6 +52,7 @@ class Producers:
         self.reservation, self.score_queue, self.controller = reservation, score_queue, controller
         self.fixed, self.learners, self.accounting = fixed, learners, accounting
         self.metrics = Metrics("driver", run_name(cfg), actor="driver")
+        self.pool_metrics = {k: Metrics(k, run_name(cfg)) for k in ("teacher", "rollout", "learner")}
         # Teachers first: rollout workers are told the teachers' names.
         self.pools = {"teacher": Pool("teacher", start["teacher"]), "rollout": Pool("rollout", start["rollout"])}
         self.placement: dict[str, list[dict]] = {}
@@ -84,7 +85,8 @@ class Producers:
         self.work: dict[str, int] = {}  # batches each producer delivered
         self.events: list[dict] = []
         self.t_start = self.next_poll = time.monotonic()
-        self.busy_s = {k: 0.0 for k in self.pools}
+        self.spans: dict[str, dict[str, list]] = {k: {} for k in self.pools}  # busy spans per actor since the last step
+        self.counted: dict[str, float] = {}  # per actor: busy time up to here is counted
         self.busy_total = {"rollout": 0.0, "teacher": 0.0, "learner": 0.0, "actor_s": {k: 0.0 for k in self.pools}}
         self.window = _window(self.t_start)
         scalable = tuple(k for k in self.pools if k not in self.fixed)
@@ -166,9 +168,9 @@ class Producers:
         # a checkpoint then counts exactly the batches before it, however late these answers arrive.
         if call.kind == "produce":
             self.pids[member.name].add(result.pid)
-            self.busy_s["rollout"] += result.weights_s + result.rollout_s
+            self._busy("rollout", member.name, now - result.weights_s - result.rollout_s, now)
         elif result is not None:  # a pull that scored a batch
-            self.busy_s["teacher"] += result.teacher_s
+            self._busy("teacher", member.name, now - result.teacher_s, now)
             load = self.teacher_load.setdefault(member.name, {"batches": 0, "sequences": 0, "tokens": 0})
             load["batches"] += 1
             load["sequences"] += result.scored
@@ -268,27 +270,54 @@ class Producers:
                 + (adm.shortfall() or f"learner.max_staleness={bound}"))
 
     def sizes(self) -> dict[str, int]:
+        """The sizes asked for (a starting actor counts)."""
         return {**{k: p.size for k, p in self.pools.items()}, "learner": self.learners}
+
+    def joined(self) -> dict[str, int]:
+        """The actors that have joined each pool and not yet stopped (a draining one still delivers)."""
+        return {**{k: sum(m.state != "starting" for m in p.members.values()) for k, p in self.pools.items()},
+                "learner": self.learners}
 
     def _report(self) -> None:
         sizes = self.sizes()
-        for kind, n in sizes.items():
-            Metrics(kind, run_name(self.cfg), actor="driver").set("pool_size", n)
+        for kind, n in self.joined().items():
+            self.pool_metrics[kind].set("pool_size", n)
         members = {k: [m.name for m in p.members.values() if m.state == "active"] for k, p in self.pools.items()}
         spare = {k: self.reservation.spare(k) for k in self.pools}
         self.controller.report.remote({"sizes": sizes, "members": members, "events": self.events[-20:], "spare": spare})
 
     # ---- what the pools did -----------------------------------------------------------------------
+    def _busy(self, kind: str, name: str, start: float, end: float) -> None:
+        self.spans[kind].setdefault(name, []).append((start, end))
+
+    def _actor_busy(self, kind: str, start: float, end: float) -> list[float]:
+        """Busy seconds in [start, end] of each actor of the pool that has joined it, or delivered and stopped."""
+        pool, spans = self.pools[kind], self.spans[kind]
+        self.spans[kind] = {}
+        out = []
+        for name in sorted(set(spans) | {m.name for m in pool.members.values() if m.state != "starting"}):
+            member = pool.members.get(name)
+            # A rollout worker works through its calls one after another: with one in flight it is busy. A
+            # teacher's pull in flight may be waiting for work; its scoring counts once it returns.
+            running = [(member.since, end)] if kind == "rollout" and member is not None and member.calls else []
+            seconds, counted = busy_seconds(spans.get(name, []) + running, self.counted.pop(name, 0.0), start, end)
+            if member is not None:
+                self.counted[name] = counted
+            out.append(seconds)
+        return out
+
     def step_done(self, step_s: float, train_s: float, score_backlog: int) -> dict[str, float]:
-        """A learner step took `step_s` (training `train_s` of it): each producer pool's busy fraction over it."""
-        sizes = self.sizes()
-        busy = {k: self.busy_s[k] / (step_s * max(1, sizes[k])) for k in self.pools}
-        for k in self.pools:
-            self.busy_total[k] += self.busy_s[k]
-            self.busy_total["actor_s"][k] += step_s * sizes[k]
-            self.window["busy"][k] += self.busy_s[k]
-            self.busy_s[k] = 0.0
-            Metrics(k, run_name(self.cfg), actor="driver").set("pool_busy", busy[k])
+        """A learner step took `step_s` (training `train_s` of it), ending now: each producer pool's busy
+        fraction over it, the mean over its actors of the part of the step each was busy (so within [0, 1])."""
+        end = time.monotonic()
+        busy = {}
+        for kind in self.pools:
+            seconds = self._actor_busy(kind, end - step_s, end)
+            busy[kind] = sum(seconds) / (step_s * len(seconds)) if seconds else 0.0
+            self.busy_total[kind] += sum(seconds)
+            self.busy_total["actor_s"][kind] += step_s * len(seconds)
+            self.window["busy"][kind] += sum(seconds)
+            self.pool_metrics[kind].set("pool_busy", busy[kind])
         self.busy_total["learner"] += train_s
         self.window["wait"] += max(0.0, step_s - train_s)
         self.window["backlog"] += score_backlog
@@ -319,3 +348,8 @@ class Producers:
 
     def members(self) -> list[Member]:
         return [m for pool in self.pools.values() for m in pool.members.values()]
+
+    def close_metrics(self) -> None:
+        """The run is over: the driver's series of its pools end."""
+        for m in (self.metrics, *self.pool_metrics.values()):
+            m.close()
