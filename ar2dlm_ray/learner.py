@@ -38,15 +38,22 @@ def minibatches(n: int, k: int) -> list[range]:
     return [range(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
-def shard(student: Student, compute_dtype: torch.dtype, device: str = "cpu") -> None:
+def shard(student: Student, compute_dtype: torch.dtype, device: str = "cpu", from_rank0: bool = False) -> None:
     """FSDP2 over the current process group, in place: every decoder layer (the model's `_no_split_modules`)
     and then the root is a unit; parameters become float32 shards on `device`, computed in `compute_dtype`.
-    A model on the CPU moves to `device` shard by shard: no GPU ever holds the whole float32 model."""
+    A model on the CPU moves to `device` shard by shard: no GPU ever holds the whole float32 model.
+
+    `from_rank0` (every rank passes it): the weights and buffers are rank 0's, sent to the others shard by
+    shard, so the other ranks may hold the model on the meta device only (a host that runs 4 ranks of an 8B
+    student then loads 32 GB of float32 weights once, not four times)."""
     import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = student.model.float()
+    # Rank 0's full weights, by reference (sharding replaces the parameters, not these tensors).
+    full = dict(model.state_dict()) if from_rank0 and dist.get_rank() == 0 else {}
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     layers = set(getattr(model, "_no_split_modules", None) or ())
@@ -54,6 +61,12 @@ def shard(student: Student, compute_dtype: torch.dtype, device: str = "cpu") -> 
         if type(module).__name__ in layers:
             fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if from_rank0:
+        if dist.get_rank() != 0:
+            model.to_empty(device=device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():  # rotary tables are not in the state dict, and meta ones are empty
+            dist.broadcast(buffer, src=0)
     student.compute_dtype = compute_dtype
 
 

@@ -99,13 +99,15 @@ def resolve_teacher_path(cfg: RunConfig, log: Callable = print) -> str:
     return str(pretrain_teacher(cfg.pretrain, cfg.data, log=log))
 
 
-def build_student(cfg: RunConfig, teacher_path: str) -> Student:
-    if cfg.model.student:
-        return load_student(cfg.model.student, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
+def build_student(cfg: RunConfig, teacher_path: str, meta: bool = False) -> Student:
+    """The student of this run; `meta`: its architecture only, weights on the meta device."""
+    m = cfg.model
+    if m.student:
+        return load_student(m.student, m.dtype, m.device, m.attn_implementation, meta)
     if is_student_dir(teacher_path):
         raise ConfigError(f"model.teacher {teacher_path!r} is a converted student; give the original ARLM")
-    model, tokenizer = load_causal_lm(teacher_path, cfg.model.dtype, cfg.model.device, cfg.model.attn_implementation)
-    return convert(model, tokenizer, cfg.model.block_size, cfg.model.shift)
+    model, tokenizer = load_causal_lm(teacher_path, m.dtype, m.device, m.attn_implementation, meta)
+    return convert(model, tokenizer, m.block_size, m.shift)
 
 
 def param_count(model) -> int:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .checks import SPEC_FILE, ConfigError, StartupError, model_dir_problem, student_spec
 from .outputs import is_marked, write_marker
@@ -43,13 +43,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa"):
-    """Load a HF causal LM and its tokenizer from a local directory or a hub id, frozen in eval mode."""
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa",
+                   meta: bool = False):
+    """Load a HF causal LM and its tokenizer from a local directory or a hub id, frozen in eval mode.
+    `meta`: the architecture only, on the meta device (no weights read or allocated): a learner rank whose
+    shards come from rank 0."""
     problem = model_dir_problem(path)
     if problem:
         raise ConfigError(problem)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if meta:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=_DTYPES[dtype],
+                                                         attn_implementation=attn_implementation)
+            return model.eval(), _with_pad(tokenizer)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
         )
@@ -57,11 +65,15 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", attn_
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise ConfigError(f"cannot load a causal LM from {path!r}: {reason}; give a complete local model directory "
                           f"(this machine cannot reach the Hugging Face hub)") from exc
+    model.to(resolve_device(device)).eval()
+    return model, _with_pad(tokenizer)
+
+
+def _with_pad(tokenizer):
     if tokenizer.pad_token_id is None:
         # Padding is always masked out of attention; any valid id will do.
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(resolve_device(device)).eval()
-    return model, tokenizer
+    return tokenizer
 
 
 def _vocab_width(model) -> int:
@@ -222,11 +234,12 @@ def is_student_dir(path: str | Path) -> bool:
     return (Path(path) / SPEC_FILE).is_file()
 
 
-def load_student(path: str | Path, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa") -> Student:
+def load_student(path: str | Path, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa",
+                 meta: bool = False) -> Student:
     if not is_student_dir(path):
         raise FileNotFoundError(
             f"{str(path)!r} is not a student directory (no {SPEC_FILE}); create one with `ar2dlm convert`"
         )
     spec = StudentSpec(**student_spec(path))
-    model, tokenizer = load_causal_lm(str(path), dtype, device, attn_implementation)
+    model, tokenizer = load_causal_lm(str(path), dtype, device, attn_implementation, meta)
     return Student(model, tokenizer, spec)

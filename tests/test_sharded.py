@@ -1,6 +1,7 @@
 """The sharded learner (torch FSDP2, learner.strategy fsdp) in real processes with gloo: two ranks, each training
-its own rollout batch, take the same optimiser steps as one local learner on both batches together; published
-weights are the full weights; a sharded checkpoint resumes exactly, also on another number of ranks."""
+its own rollout batch, take the same optimiser steps as one local learner on both batches together (rank 1 built
+on the meta device, its shards sent by rank 0, as in a Ray learner group); published weights are the full
+weights; a sharded checkpoint resumes exactly, also on another number of ranks."""
 
 import copy
 from pathlib import Path
@@ -20,8 +21,10 @@ from test_learner import _cfg, _data
 STEPS, PER_RANK = 3, 4  # rollouts per rank and step: two minibatches of 2
 
 
-def _student(tokenizer, dtype):
-    model = tiny_causal_lm("llama", len(tokenizer), seed=4).to(torch.bfloat16).to(dtype)  # bf16-representable start
+def _student(tokenizer, dtype, meta: bool = False):
+    """`meta`: the architecture alone, as learner ranks other than 0 build it (their shards come from rank 0)."""
+    with torch.device("meta" if meta else "cpu"):
+        model = tiny_causal_lm("llama", len(tokenizer), seed=4).to(torch.bfloat16).to(dtype)  # bf16-representable
     return convert(model, copy.deepcopy(tokenizer), block_size=2)
 
 
@@ -48,8 +51,8 @@ def _rank(rank: int, world: int, port: int, tokenizer, dtype, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    student = _student(tokenizer, dtype)
-    shard(student, dtype)
+    student = _student(tokenizer, dtype, meta=rank > 0)
+    shard(student, dtype, from_rank0=True)
     learner = Learner(student, _config(world), total_steps=STEPS)
     grads = []
     learner.grad_hook = lambda: grads.append({n: p.grad.full_tensor().float().clone()

@@ -262,13 +262,16 @@ class LearnerWorker:
         self.stores: dict = {}  # port -> hosted store, until this rank joins its group
 
     def build_student(self, cfg, teacher_path: str):
-        """The student in float32 on the CPU, to be sharded (a stand-in in the orchestration benchmark)."""
+        """The student in float32 on the CPU, to be sharded (a stand-in in the orchestration benchmark); in a
+        group, only rank 0 reads the weights and the others build the architecture on the meta device."""
         model = cfg.model.model_copy(update={"dtype": "float32", "device": "cpu"})
-        return build_student(cfg.model_copy(update={"model": model}), teacher_path)
+        return build_student(cfg.model_copy(update={"model": model}), teacher_path, meta=self.rank > 0)
 
     def build_learner(self):
-        """FSDP2 over the group: float32 shards (the master weights) on model.device, compute in model.dtype."""
-        shard(self.student, getattr(torch, self.cfg.model.dtype), str(resolve_device(self.cfg.model.device)))
+        """FSDP2 over the group: float32 shards (the master weights) on model.device, compute in model.dtype;
+        rank 0 sends every other rank its shards."""
+        shard(self.student, getattr(torch, self.cfg.model.dtype), str(resolve_device(self.cfg.model.device)),
+              from_rank0=self.world > 1)
         return Learner(self.student, self.cfg, self.total_steps)
 
     def info(self) -> dict:
