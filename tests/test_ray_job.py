@@ -234,21 +234,21 @@ def _pools_while_running(dash: int, port: int, env: dict, runs: dict) -> dict:
     return shown
 
 
-def _readme_cluster_commands() -> list[str]:
-    """The README's single-machine cluster commands, one per line, without comments."""
-    text = (ROOT / "README.md").read_text()
+def _cluster_recipe_commands() -> list[str]:
+    """docs/cluster.md's single-machine cluster commands, one per line, without comments."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
     block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "ray start --head" in b and "submit.sh" in b)
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
 @pytest.mark.slow
-def test_readme_cluster_commands_run_as_written(micro_teacher, tmp_path):
-    """The README's commands from a fresh clone, with the venv not on PATH: the head started by
+def test_cluster_recipe_commands_run_as_written(micro_teacher, tmp_path):
+    """docs/cluster.md's commands from a fresh clone, with the venv not on PATH: the head started by
     `.venv/bin/ray start` finds only a python without the dependencies, so a plain `ray job submit` fails
     with "No module named ..." (the issue), and deploy/submit.sh (deploy/runtime_env.yaml) runs. Changed for
     the test only: its own ports, 4 CPUs on a small machine, a token file of its own instead of
     ~/.ray/auth_token, and a short run of the micro teacher; `make setup` has already run."""
-    commands = _readme_cluster_commands()
+    commands = _cluster_recipe_commands()
     assert commands[0] == "make setup"
     port, dash = _free_port(), _free_port()
     token = tmp_path / "auth_token"
