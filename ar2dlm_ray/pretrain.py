@@ -28,6 +28,11 @@ RECIPE_VERSION = 1
 # Share of task documents that are arithmetic (the rest are facts): addition needs far more examples.
 ARITH_SHARE = 0.75
 EVAL_PER_TASK = 200
+# The micro teacher of the default `pretrain` section, shipped inside the package (pretrained on an AMD EPYC with
+# torch's AVX512 kernels): the weights depend on the CPU's kernels, so a teacher pretrained elsewhere may differ,
+# and the demo would then print another table. MANIFEST records the sha256 of every shipped file.
+SHIPPED_TEACHER = Path(__file__).parent / "assets" / "micro_teacher"
+MANIFEST = "manifest.json"
 
 
 def teacher_key(pcfg: PretrainConfig, dcfg: DataConfig) -> str:
@@ -40,6 +45,20 @@ def teacher_key(pcfg: PretrainConfig, dcfg: DataConfig) -> str:
 
 def teacher_dir(pcfg: PretrainConfig, dcfg: DataConfig) -> Path:
     return Path(pcfg.cache_dir).expanduser() / teacher_key(pcfg, dcfg)
+
+
+def shipped_teacher(pcfg: PretrainConfig, dcfg: DataConfig) -> Path | None:
+    """The shipped micro teacher when the config asks for exactly that teacher (the same cache key), else None;
+    a shipped file that differs from its manifest is an error."""
+    report = SHIPPED_TEACHER / "pretrain_report.json"
+    if not report.is_file() or json.loads(report.read_text())["key"] != teacher_key(pcfg, dcfg):
+        return None
+    manifest = json.loads((SHIPPED_TEACHER / MANIFEST).read_text())
+    for name, digest in manifest["files"].items():
+        if hashlib.sha256((SHIPPED_TEACHER / name).read_bytes()).hexdigest() != digest:
+            raise ConfigError(f"the shipped micro teacher's {name} differs from its manifest ({SHIPPED_TEACHER}); "
+                              f"reinstall ar2dlm_ray")
+    return SHIPPED_TEACHER
 
 
 def weights_digest(model_dir: str | Path) -> str:

@@ -76,3 +76,37 @@ def test_pretrain_is_reproducible_and_independent_of_threads(tmp_path):
         del r["weights_sha256"], r["tokenizer_sha256"]
     (outs[1] / "pretrain_report.json").write_text(json.dumps(reports[1]))
     assert teacher_fingerprint(outs[1])["weights_sha256"] == fps[0]["weights_sha256"]
+
+
+def test_the_shipped_teacher_is_the_recorded_one(tmp_path, monkeypatch):
+    """The micro teacher shipped in the package: every file as its manifest records, weights digest ef4e3b6cba62
+    (what the default recipe pretrains on an AMD EPYC with AVX512 kernels), and the default micro config runs with
+    it."""
+    import hashlib
+    import shutil
+
+    import pytest
+
+    from ar2dlm_ray import pretrain
+    from ar2dlm_ray.checks import ConfigError
+    from ar2dlm_ray.config import load_config
+    from ar2dlm_ray.models import resolve_teacher_path
+    from ar2dlm_ray.pretrain import MANIFEST, SHIPPED_TEACHER, shipped_teacher, weights_digest
+
+    manifest = json.loads((SHIPPED_TEACHER / MANIFEST).read_text())
+    assert set(manifest["files"]) == {p.name for p in SHIPPED_TEACHER.iterdir()} - {MANIFEST}
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((SHIPPED_TEACHER / name).read_bytes()).hexdigest() == digest, name
+    report = json.loads((SHIPPED_TEACHER / "pretrain_report.json").read_text())
+    assert manifest["weights_sha256"] == report["weights_sha256"] == weights_digest(SHIPPED_TEACHER) == "ef4e3b6cba62"
+
+    cfg = load_config("configs/micro.yaml")
+    assert resolve_teacher_path(cfg, log=lambda *a: None) == str(SHIPPED_TEACHER)  # no pretraining
+    assert shipped_teacher(cfg.pretrain.model_copy(update={"seed": 1}), cfg.data) is None  # another recipe
+
+    copy = tmp_path / "micro_teacher"
+    shutil.copytree(SHIPPED_TEACHER, copy)
+    (copy / "tokenizer_config.json").write_text((copy / "tokenizer_config.json").read_text() + " ")
+    monkeypatch.setattr(pretrain, "SHIPPED_TEACHER", copy)
+    with pytest.raises(ConfigError, match="tokenizer_config.json differs from its manifest"):
+        shipped_teacher(cfg.pretrain, cfg.data)
