@@ -164,3 +164,162 @@ def _all_reduce_flat(model, world: int) -> None:
     flat /= world
     for p, grad in zip(params, _unflatten_dense_tensors(flat, grads)):
         p.grad = grad
+
+
+# ---- decoding: the student's block-diffusion sampler against its teacher's own `generate` --------------------
+class _ModelCalls:
+    """Counts a model's forward calls and the seconds spent inside them (forward hooks), so that a decoder's cost
+    splits into the model's share and its own code's."""
+
+    def __init__(self, model):
+        self.model, self.calls, self.inside_s, self._start = model, 0, 0.0, 0.0
+
+    def __enter__(self):
+        self._hooks = [self.model.register_forward_pre_hook(self._enter_call),
+                       self.model.register_forward_hook(self._exit_call)]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+
+    def _enter_call(self, *_):
+        self._start = time.perf_counter()
+
+    def _exit_call(self, *_):
+        self.inside_s += time.perf_counter() - self._start
+        self.calls += 1
+
+
+def _student_decode(student: Student, prompts: list[list[int]], cfg: SamplerConfig, batch: int, new_tokens: int):
+    """Every prompt decoded in chunks of `batch`; EOS does not end a sequence, so each gets exactly `new_tokens`
+    (the tokens up to the first EOS are the same as when it does: nothing before a committed EOS changes).
+    Returns (token lists, generated tokens, per-sequence denoising forwards)."""
+    tokens, generated, forwards = [], 0, 0
+    for lo in range(0, len(prompts), batch):
+        out = sample(student, prompts[lo:lo + batch], cfg, seed=lo, eos_ids=[], max_new_tokens=new_tokens)
+        tokens += [out.tokens(r) for r in range(len(out.prompt_ids))]
+        generated += int(out.gen_lens.sum())
+        forwards += int(out.forwards.sum())
+    return tokens, generated, forwards
+
+
+@torch.no_grad()
+def _teacher_decode(model, tokenizer, prompts: list[list[int]], batch: int, new_tokens: int) -> list[list[int]]:
+    """Greedy HF `generate` with its KV cache, left-padded chunks of `batch`, exactly `new_tokens` each (EOS
+    does not stop it)."""
+    pad = tokenizer.pad_token_id
+    tokens = []
+    for lo in range(0, len(prompts), batch):
+        chunk = prompts[lo:lo + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                             eos_token_id=None, pad_token_id=pad)
+        if out.shape[1] != width + new_tokens:
+            raise RuntimeError(f"generate stopped after {out.shape[1] - width} of {new_tokens} tokens")
+        tokens += out[:, width:].tolist()
+    return tokens
+
+
+def _accuracy(examples, tokenizer, tokens: list[list[int]]) -> float | None:
+    from .tasks import is_correct
+
+    if not examples:
+        return None
+    return sum(is_correct(e, tokenizer.decode(t)) for e, t in zip(examples, tokens)) / len(examples)
+
+
+def _timed(model, decode) -> tuple:
+    """(decode's result, its seconds, the model's calls, the seconds inside them)."""
+    with _ModelCalls(model) as calls:
+        start = time.perf_counter()
+        result = decode()
+        seconds = time.perf_counter() - start
+    return result, seconds, calls.calls, calls.inside_s
+
+
+def bench_decode(student: Student, teacher, teacher_tokenizer, prompts: list[str], cfg: SamplerConfig,
+                 batches: list[int], new_tokens: int, repeats: int = 3, examples: list | None = None) -> dict:
+    """The student's sampler against the teacher's `generate` on the same prompts (text), `new_tokens` each,
+    at each batch size; student and teacher alternate within every repeat, and each reports the median.
+    Per batch size: tokens/s of each and their ratio, the student's tokens per forward, one model call's cost
+    of each (all of it, and the model's forward alone) with their ratios, and task accuracy of each
+    (`examples`: the TaskExample of each prompt)."""
+    s_ids = [student.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    t_ids = [teacher_tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    _student_decode(student, s_ids[:1], cfg, 1, 2)  # warm-up outside the timings
+    _teacher_decode(teacher, teacher_tokenizer, t_ids[:1], 1, 2)
+    runs: dict = {(b, who): [] for b in batches for who in ("student", "teacher")}
+    for _ in range(repeats):
+        for b in batches:
+            runs[b, "student"].append(_timed(student.model, lambda: _student_decode(student, s_ids, cfg, b, new_tokens)))
+            runs[b, "teacher"].append(_timed(teacher, lambda: _teacher_decode(teacher, teacher_tokenizer, t_ids, b,
+                                                                               new_tokens)))
+    rows = []
+    for b in batches:
+        (s_tokens, generated, forwards), _, s_calls, _ = runs[b, "student"][0]
+        t_tokens, _, t_calls, _ = runs[b, "teacher"][0]
+        s_s, s_in = (statistics.median(r[i] for r in runs[b, "student"]) for i in (1, 3))
+        t_s, t_in = (statistics.median(r[i] for r in runs[b, "teacher"]) for i in (1, 3))
+        total = len(prompts) * new_tokens
+        rows.append({
+            "batch": b, "student_tokens_per_s": total / s_s, "teacher_tokens_per_s": total / t_s,
+            "student_over_teacher": t_s / s_s, "tokens_per_forward": generated / forwards,
+            "student_calls": s_calls, "teacher_calls": t_calls,
+            "student_ms_per_call": 1e3 * s_s / s_calls, "teacher_ms_per_call": 1e3 * t_s / t_calls,
+            "call_cost_ratio": (s_s / s_calls) / (t_s / t_calls),
+            # The model's forward alone: the student's runs B query positions per sequence (2B on a block's first
+            # step, which also writes the finished block to the cache), the teacher's one.
+            "student_model_ms_per_call": 1e3 * s_in / s_calls, "teacher_model_ms_per_call": 1e3 * t_in / t_calls,
+            "model_cost_ratio": (s_in / s_calls) / (t_in / t_calls),
+            # Everything else per call: the sampler's own code against `generate`'s.
+            "student_other_ms_per_call": 1e3 * (s_s - s_in) / s_calls,
+            "teacher_other_ms_per_call": 1e3 * (t_s - t_in) / t_calls,
+            "student_acc": _accuracy(examples, student.tokenizer, s_tokens),
+            "teacher_acc": _accuracy(examples, teacher_tokenizer, t_tokens),
+            "student_s": s_s, "teacher_s": t_s,
+        })
+    return {"prompts": len(prompts), "new_tokens": new_tokens, "block_size": student.spec.block_size,
+            "remasking": cfg.remasking, "threshold": cfg.threshold, "steps_per_block": cfg.steps_per_block,
+            "temperature": cfg.temperature, "repeats": repeats, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def format_decode(result: dict) -> str:
+    """bench_decode's rows as a plain-text table."""
+    columns = {"batch": "batch", "student_tokens_per_s": "student tok/s", "teacher_tokens_per_s": "teacher tok/s",
+               "student_over_teacher": "speed ratio", "tokens_per_forward": "tok/forward",
+               "call_cost_ratio": "call cost ratio", "model_cost_ratio": "model part", "student_acc": "student acc",
+               "teacher_acc": "teacher acc"}
+    lines = [list(columns.values())] + [[_cell(r[k]) for k in columns] for r in result["rows"]]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def compare_decoding(cfg, student: Student, teacher, tokenizer, teacher_path: str, batches: list[int],
+                     new_tokens: int, repeats: int = 3, n_prompts: int | None = None) -> dict:
+    """bench_decode on `n_prompts` (default: the largest batch) of decode_prompts, with the config's sampler
+    made greedy: `ar2dlm bench decode` and the demo's decode speed."""
+    prompts, examples = decode_prompts(cfg, tokenizer, teacher_path, n_prompts or max(batches))
+    return bench_decode(student, teacher, tokenizer, prompts, cfg.sampler.greedy(), batches, new_tokens, repeats,
+                        examples)
+
+
+def decode_prompts(cfg, tokenizer, teacher_path: str, n: int) -> tuple[list[str], list | None]:
+    """The prompts bench_decode runs on: held-out task prompts (and their examples, for accuracy) in the micro
+    setting, else held-out text openings (no accuracy)."""
+    if cfg.data.prompts == "micro":
+        from .rollout import task_suite_for
+
+        examples = task_suite_for(cfg, teacher_path).heldout_examples(n, cfg.eval.seed)
+        return [e.prompt for e in examples], examples
+    from .data import load_corpus, text_prompts
+
+    return text_prompts(load_corpus(cfg.data).eval_texts, tokenizer, n, cfg.data.prompt_tokens, cfg.eval.seed), None

