@@ -13,8 +13,23 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Run the vLLM tests last: a started vLLM CPU engine pins torch's thread count for the process."""
-    items.sort(key=lambda item: "vllm" in item.nodeid)
+    """The tests on the shared local Ray run together after the others (one Ray serves them all: starting and
+    stopping one costs seconds), and the vLLM tests last: a started vLLM CPU engine pins torch's thread count
+    for the process."""
+    items.sort(key=lambda item: ("vllm" in item.nodeid, "local_ray" in getattr(item, "fixturenames", ())))
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A real local Ray for every test that asks for it, started once. Tests that need a cluster of their own
+    (several nodes, a private head) run before these, and the vLLM tests after them stop it."""
+    import ray
+
+    if ray.is_initialized():  # an embedded Ray some earlier test left behind would fail ray.init
+        ray.shutdown()
+    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="ar2dlm-test", log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -12,13 +12,6 @@ import ray
 from ar2dlm_ray.cluster.batch_queue import BatchQueue
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="ar2dlm-queue-test", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 class Traced:
     """An item that records every process that unpickled it on its way through the queue."""
 

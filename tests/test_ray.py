@@ -11,13 +11,6 @@ import ray
 from ar2dlm_ray.config import load_config
 from ar2dlm_ray.trainer import LocalTrainer
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="ar2dlm-test", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def ray_overrides(teacher, out_dir, **extra):
     base = {
         "model.teacher": teacher, "train.out_dir": str(out_dir), "logging.progress": "true",

@@ -16,7 +16,7 @@ import ray
 
 from ar2dlm_ray.config import load_config
 
-from test_ray import local_ray, ray_overrides  # noqa: F401 - the module's Ray
+from test_ray import ray_overrides
 from test_ray_chaos import run_beside
 
 
@@ -55,7 +55,7 @@ def _check_accounting(summary: dict, metrics: list[dict], batch_size: int) -> No
 
 
 def test_the_stages_overlap_and_a_batch_held_by_a_dying_teacher_is_scored_by_another(micro_teacher, tmp_path,
-                                                                                  local_ray):  # noqa: F811
+                                                                                  local_ray):
     from ar2dlm_ray.cluster.driver import SCORE_QUEUE_NAME, RayTrainer
 
     cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
@@ -120,7 +120,7 @@ def _settled(trainer, rollout: int, teacher: int) -> bool:
 
 
 def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro_teacher, tmp_path,
-                                                                          local_ray):  # noqa: F811
+                                                                          local_ray):
     from ar2dlm_ray.cluster.controller import CONTROLLER_NAME
     from ar2dlm_ray.cluster.driver import RayTrainer
 
@@ -239,7 +239,7 @@ def _check_monitoring(metrics: list[dict], scrapes: list, starting: tuple, cfg, 
         time.sleep(1)
 
 
-def test_a_recipe_without_teacher_targets_skips_the_scoring_stage(micro_teacher, tmp_path, local_ray):  # noqa: F811
+def test_a_recipe_without_teacher_targets_skips_the_scoring_stage(micro_teacher, tmp_path, local_ray):
     """sft: the teacher generates x0 (direct calls), nothing is scored, batches go straight to the learners;
     with one actor per pool and max_staleness 0 the run still equals the local trainer's."""
     from ar2dlm_ray.cluster.driver import RayTrainer

@@ -24,6 +24,14 @@ from ar2dlm_ray.teacher_vllm import VLLMTeacher  # noqa: E402
 TOP_K = 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _without_the_shared_ray():
+    """The shared local Ray of the tests before these (conftest `local_ray`) would only compete for the cores."""
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def vllm_micro_teacher():
     """Like conftest's micro_teacher (a tiny Llama really pretrained, fp32, cached), but with attention head
