@@ -71,9 +71,10 @@ def _promql(port: int, query: str) -> list[dict]:
 
 
 def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group, then SIGKILL: a head's raylet outlives its GCS by 30 s or more."""
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=30)
+        process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -106,12 +107,20 @@ def private_head(num_cpus: int, *options: str):
             current.unlink()
 
 
-@pytest.mark.slow
-def test_ray_job_submit_end_to_end(micro_teacher, tmp_path, tmp_path_factory):
+@pytest.fixture(scope="module")
+def head():
+    """One private head for the tests that submit to a plain cluster (starting one costs seconds):
+    (GCS port, dashboard port, environment, metrics export port)."""
     prom = _free_port()
-    with private_head(4, f"--metrics-export-port={prom}", '--system-config={"metrics_report_interval_ms": 1000}') \
+    with private_head(6, f"--metrics-export-port={prom}", '--system-config={"metrics_report_interval_ms": 1000}') \
             as (port, dash, env):
-        _submit_and_check(micro_teacher, tmp_path, tmp_path_factory, dash, prom, env)
+        yield port, dash, env, prom
+
+
+@pytest.mark.slow
+def test_ray_job_submit_end_to_end(micro_teacher, tmp_path, tmp_path_factory, head):
+    port, dash, env, prom = head
+    _submit_and_check(micro_teacher, tmp_path, tmp_path_factory, dash, prom, env)
 
 
 def _submit_and_check(micro_teacher, tmp_path, tmp_path_factory, dash: int, prom: int, env: dict) -> None:
@@ -179,25 +188,27 @@ def _submit_and_check(micro_teacher, tmp_path, tmp_path_factory, dash: int, prom
 
 
 @pytest.mark.slow
-def test_two_runs_share_a_cluster_and_a_third_with_a_taken_name_is_refused(micro_teacher, tmp_path):
+def test_two_runs_share_a_cluster_and_a_third_with_a_taken_name_is_refused(micro_teacher, tmp_path, head):
     """Two drivers on one private head, each in a Ray namespace of its own, both finish with exact accounting;
     a third started at the same time under one's run name is refused in one line that names the other job and
     the setting that separates them, and its clean-up leaves the other's actors alone (the other finishes)."""
     from test_ray import ray_overrides
     from test_ray_pools import _check_accounting, _metrics
 
-    with private_head(6) as (port, dash, env):
-        def driver(name: str, *extra: str) -> subprocess.Popen:
-            argv = [sys.executable, "-m", "ar2dlm_ray.train", "--config", "configs/micro.yaml",
-                    f"ray.address=127.0.0.1:{port}", *ray_overrides(micro_teacher, tmp_path / name,
-                                                                   **{"train.max_steps": 2}), *extra]
-            return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
+    port, dash, env, _ = head
+    steps = 60  # long enough for `ar2dlm pools show` (a Ray driver, seconds to start) to meet both runs
 
-        runs = {"a": driver("a", "logging.run_name=shared"), "b": driver("b"),
-                "c": driver("c", "logging.run_name=shared")}
-        shown = _pools_while_running(dash, port, env, runs)
-        done = {name: (proc.communicate(timeout=400), proc.returncode) for name, proc in runs.items()}
+    def driver(name: str, *extra: str) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "ar2dlm_ray.train", "--config", "configs/micro.yaml",
+                f"ray.address=127.0.0.1:{port}", *ray_overrides(micro_teacher, tmp_path / name,
+                                                               **{"train.max_steps": steps}), *extra]
+        return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    runs = {"a": driver("a", "logging.run_name=shared"), "b": driver("b"),
+            "c": driver("c", "logging.run_name=shared")}
+    shown = _pools_while_running(dash, port, env, runs)
+    done = {name: (proc.communicate(timeout=400), proc.returncode) for name, proc in runs.items()}
     assert shown["which"] and shown["shared"], shown  # `ar2dlm pools` told the two runs apart, by the dashboard URL
     failed = [name for name, (_, rc) in done.items() if rc != 0]
     assert len(failed) == 1 and failed[0] in "ac", {n: (rc, err[-3000:]) for n, ((_, err), rc) in done.items()}
@@ -209,7 +220,7 @@ def test_two_runs_share_a_cluster_and_a_third_with_a_taken_name_is_refused(micro
                         r"ray\.namespace=<name>\)", errors[0]), err
     for name in {"a", "b", "c"} - set(failed):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
-        assert summary["steps"] == 2
+        assert summary["steps"] == steps
         _check_accounting(summary, _metrics(tmp_path / name), 8)
     assert not (tmp_path / failed[0] / "metrics.jsonl").exists()  # refused before any work
 
