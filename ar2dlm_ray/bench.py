@@ -191,36 +191,27 @@ class _ModelCalls:
         self.calls += 1
 
 
-def _student_decode(student: Student, prompts: list[list[int]], cfg: SamplerConfig, batch: int, new_tokens: int):
-    """Every prompt decoded in chunks of `batch`; EOS does not end a sequence, so each gets exactly `new_tokens`
-    (the tokens up to the first EOS are the same as when it does: nothing before a committed EOS changes).
-    Returns (token lists, generated tokens, per-sequence denoising forwards)."""
-    tokens, generated, forwards = [], 0, 0
-    for lo in range(0, len(prompts), batch):
-        out = sample(student, prompts[lo:lo + batch], cfg, seed=lo, eos_ids=[], max_new_tokens=new_tokens)
-        tokens += [out.tokens(r) for r in range(len(out.prompt_ids))]
-        generated += int(out.gen_lens.sum())
-        forwards += int(out.forwards.sum())
-    return tokens, generated, forwards
+def _student_chunk(student: Student, prompts: list[list[int]], cfg: SamplerConfig, seed: int, new_tokens: int):
+    """One batch, EOS not ending a sequence, so each gets exactly `new_tokens` (the tokens up to the first EOS are
+    the same as when it does: nothing before a committed EOS changes). Returns (token lists, generated tokens,
+    per-sequence denoising forwards)."""
+    out = sample(student, prompts, cfg, seed=seed, eos_ids=[], max_new_tokens=new_tokens)
+    return [out.tokens(r) for r in range(len(prompts))], int(out.gen_lens.sum()), int(out.forwards.sum())
 
 
 @torch.no_grad()
-def _teacher_decode(model, tokenizer, prompts: list[list[int]], batch: int, new_tokens: int) -> list[list[int]]:
-    """Greedy HF `generate` with its KV cache, left-padded chunks of `batch`, exactly `new_tokens` each (EOS
-    does not stop it)."""
+def _teacher_chunk(model, tokenizer, prompts: list[list[int]], new_tokens: int):
+    """One left-padded batch through greedy HF `generate` with its KV cache, exactly `new_tokens` each (EOS does
+    not stop it). Returns (token lists, generated tokens, forwards) like _student_chunk."""
     pad = tokenizer.pad_token_id
-    tokens = []
-    for lo in range(0, len(prompts), batch):
-        chunk = prompts[lo:lo + batch]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                             eos_token_id=None, pad_token_id=pad)
-        if out.shape[1] != width + new_tokens:
-            raise RuntimeError(f"generate stopped after {out.shape[1] - width} of {new_tokens} tokens")
-        tokens += out[:, width:].tolist()
-    return tokens
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                         eos_token_id=None, pad_token_id=pad)
+    if out.shape[1] != width + new_tokens:
+        raise RuntimeError(f"generate stopped after {out.shape[1] - width} of {new_tokens} tokens")
+    return out[:, width:].tolist(), len(prompts) * new_tokens, len(prompts) * new_tokens
 
 
 def _accuracy(examples, tokenizer, tokens: list[list[int]]) -> float | None:
@@ -231,54 +222,65 @@ def _accuracy(examples, tokenizer, tokens: list[list[int]]) -> float | None:
     return sum(is_correct(e, tokenizer.decode(t)) for e, t in zip(examples, tokens)) / len(examples)
 
 
-def _timed(model, decode) -> tuple:
-    """(decode's result, its seconds, the model's calls, the seconds inside them)."""
-    with _ModelCalls(model) as calls:
-        start = time.perf_counter()
-        result = decode()
-        seconds = time.perf_counter() - start
-    return result, seconds, calls.calls, calls.inside_s
+class _Tally:
+    """One decoder's pass over every prompt: its tokens and counts, seconds in all and inside the model."""
+
+    def __init__(self):
+        self.tokens, self.generated, self.forwards, self.seconds, self.inside_s, self.calls = [], 0, 0, 0.0, 0.0, 0
+
+    def add(self, model, decode) -> None:
+        with _ModelCalls(model) as calls:
+            start = time.perf_counter()
+            tokens, generated, forwards = decode()
+            self.seconds += time.perf_counter() - start
+        self.tokens += tokens
+        self.generated, self.forwards = self.generated + generated, self.forwards + forwards
+        self.inside_s, self.calls = self.inside_s + calls.inside_s, self.calls + calls.calls
+
+
+def _decode_pass(student, teacher, tokenizer, s_ids, t_ids, cfg, batch: int, new_tokens: int):
+    """Student and teacher over every prompt, alternating batch by batch (a burst of load on a shared machine
+    then hits both alike)."""
+    tallies = _Tally(), _Tally()
+    for lo in range(0, len(s_ids), batch):
+        tallies[0].add(student.model, lambda: _student_chunk(student, s_ids[lo:lo + batch], cfg, lo, new_tokens))
+        tallies[1].add(teacher, lambda: _teacher_chunk(teacher, tokenizer, t_ids[lo:lo + batch], new_tokens))
+    return tallies
 
 
 def bench_decode(student: Student, teacher, teacher_tokenizer, prompts: list[str], cfg: SamplerConfig,
                  batches: list[int], new_tokens: int, repeats: int = 3, examples: list | None = None) -> dict:
     """The student's sampler against the teacher's `generate` on the same prompts (text), `new_tokens` each,
-    at each batch size; student and teacher alternate within every repeat, and each reports the median.
+    at each batch size, alternating batch by batch; each reports the median of `repeats` passes.
     Per batch size: tokens/s of each and their ratio, the student's tokens per forward, one model call's cost
     of each (all of it, and the model's forward alone) with their ratios, and task accuracy of each
     (`examples`: the TaskExample of each prompt)."""
     s_ids = [student.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     t_ids = [teacher_tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    _student_decode(student, s_ids[:1], cfg, 1, 2)  # warm-up outside the timings
-    _teacher_decode(teacher, teacher_tokenizer, t_ids[:1], 1, 2)
-    runs: dict = {(b, who): [] for b in batches for who in ("student", "teacher")}
-    for _ in range(repeats):
-        for b in batches:
-            runs[b, "student"].append(_timed(student.model, lambda: _student_decode(student, s_ids, cfg, b, new_tokens)))
-            runs[b, "teacher"].append(_timed(teacher, lambda: _teacher_decode(teacher, teacher_tokenizer, t_ids, b,
-                                                                               new_tokens)))
+    _decode_pass(student, teacher, teacher_tokenizer, s_ids[:1], t_ids[:1], cfg, 1, 2)  # warm-up, not timed
+    passes = {b: [_decode_pass(student, teacher, teacher_tokenizer, s_ids, t_ids, cfg, b, new_tokens)
+                  for _ in range(repeats)] for b in batches}
     rows = []
     for b in batches:
-        (s_tokens, generated, forwards), _, s_calls, _ = runs[b, "student"][0]
-        t_tokens, _, t_calls, _ = runs[b, "teacher"][0]
-        s_s, s_in = (statistics.median(r[i] for r in runs[b, "student"]) for i in (1, 3))
-        t_s, t_in = (statistics.median(r[i] for r in runs[b, "teacher"]) for i in (1, 3))
+        s, t = passes[b][0]
+        s_s, s_in = (statistics.median(getattr(p[0], k) for p in passes[b]) for k in ("seconds", "inside_s"))
+        t_s, t_in = (statistics.median(getattr(p[1], k) for p in passes[b]) for k in ("seconds", "inside_s"))
         total = len(prompts) * new_tokens
         rows.append({
             "batch": b, "student_tokens_per_s": total / s_s, "teacher_tokens_per_s": total / t_s,
-            "student_over_teacher": t_s / s_s, "tokens_per_forward": generated / forwards,
-            "student_calls": s_calls, "teacher_calls": t_calls,
-            "student_ms_per_call": 1e3 * s_s / s_calls, "teacher_ms_per_call": 1e3 * t_s / t_calls,
-            "call_cost_ratio": (s_s / s_calls) / (t_s / t_calls),
+            "student_over_teacher": t_s / s_s, "tokens_per_forward": s.generated / s.forwards,
+            "student_calls": s.calls, "teacher_calls": t.calls,
+            "student_ms_per_call": 1e3 * s_s / s.calls, "teacher_ms_per_call": 1e3 * t_s / t.calls,
+            "call_cost_ratio": (s_s / s.calls) / (t_s / t.calls),
             # The model's forward alone: the student's runs B query positions per sequence (2B on a block's first
             # step, which also writes the finished block to the cache), the teacher's one.
-            "student_model_ms_per_call": 1e3 * s_in / s_calls, "teacher_model_ms_per_call": 1e3 * t_in / t_calls,
-            "model_cost_ratio": (s_in / s_calls) / (t_in / t_calls),
+            "student_model_ms_per_call": 1e3 * s_in / s.calls, "teacher_model_ms_per_call": 1e3 * t_in / t.calls,
+            "model_cost_ratio": (s_in / s.calls) / (t_in / t.calls),
             # Everything else per call: the sampler's own code against `generate`'s.
-            "student_other_ms_per_call": 1e3 * (s_s - s_in) / s_calls,
-            "teacher_other_ms_per_call": 1e3 * (t_s - t_in) / t_calls,
-            "student_acc": _accuracy(examples, student.tokenizer, s_tokens),
-            "teacher_acc": _accuracy(examples, teacher_tokenizer, t_tokens),
+            "student_other_ms_per_call": 1e3 * (s_s - s_in) / s.calls,
+            "teacher_other_ms_per_call": 1e3 * (t_s - t_in) / t.calls,
+            "student_acc": _accuracy(examples, student.tokenizer, s.tokens),
+            "teacher_acc": _accuracy(examples, teacher_tokenizer, t.tokens),
             "student_s": s_s, "teacher_s": t_s,
         })
     return {"prompts": len(prompts), "new_tokens": new_tokens, "block_size": student.spec.block_size,
