@@ -305,8 +305,8 @@ def test_processes_runner_needs_no_ray(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    """A run killed after its first budget resumes from the checkpoint written there and ends with the
-    same evaluations as a run that was never interrupted."""
+    """A run killed after its first budget resumes from the checkpoint written there, is killed again after its
+    last evaluation, and ends with the same evaluations and accounting as a run that was never interrupted."""
     import ar2dlm_ray.evaluate as evaluate
 
     def experiment(root):
@@ -335,22 +335,21 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "evaluate_student", real)
     assert not list((broken.out / "runs").glob("*.json"))
     assert len((broken.work / "opdlm-s0" / "evals.jsonl").read_text().splitlines()) == 1
+
+    # The resumed run is interrupted again, after its last evaluation and before the result is written: the
+    # next run retrains nothing and takes the accounting from the checkpoint.
+    import ar2dlm_ray.experiment as experiment_module
+
+    real_finish = experiment_module._finish
+    monkeypatch.setattr(experiment_module, "_finish", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        broken.run()
+    monkeypatch.setattr(experiment_module, "_finish", real_finish)
+    assert not list((broken.out / "runs").glob("*.json"))
     broken.run()
     got = broken.finished_runs()[0]["evals"]
     timing = ("eval_s", "train_s")
     assert [{k: v for k, v in e.items() if k not in timing} for e in got] == \
         [{k: v for k, v in e.items() if k not in timing} for e in expected]
-
-    # Interrupted after its last evaluation, before the result was written: nothing is retrained and the
-    # accounting comes from the checkpoint.
-    import ar2dlm_ray.experiment as experiment_module
-
-    real_finish = experiment_module._finish
-    late = experiment(tmp_path / "late")
-    monkeypatch.setattr(experiment_module, "_finish", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        late.run()
-    monkeypatch.setattr(experiment_module, "_finish", real_finish)
-    late.run()
-    assert late.finished_runs()[0]["accounting"] == clean.finished_runs()[0]["accounting"]
+    assert broken.finished_runs()[0]["accounting"] == clean.finished_runs()[0]["accounting"]
     assert clean.finished_runs()[0]["accounting"]["tokens_trained"] == expected[-1]["tokens_trained"]
