@@ -18,6 +18,7 @@ def test_stage_costs_and_bound():
     assert rate == pytest.approx(2.0) and slowest == ["rollout", "teacher", "learner"]
 
 
+@pytest.mark.slow
 def test_quick_bench_reports_throughput_against_the_bound_with_exact_accounting():
     result = bench_orchestration("configs/micro.yaml", [], quick=True, log=lambda *a: None)
     assert result["throughput_vs_bound"] and result["accounting_exact"]

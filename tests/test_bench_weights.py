@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from ar2dlm_ray.cli import main
@@ -30,6 +31,7 @@ def test_digest_tells_models_apart():
     assert _digest(a) != _digest(b)
 
 
+@pytest.mark.slow
 def test_bench_weights_tiny(tmp_path, capsys):
     out = tmp_path / "weights.json"
     assert main(["bench", "weights", "--params", "2e6", "--repeats", "1", "--json", "--out", str(out)]) == 0

@@ -81,6 +81,7 @@ def test_ray_run_matches_local_trainer(micro_teacher, tmp_path, local_ray, local
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004"]
 
 
+@pytest.mark.slow
 def test_ray_run_to_a_storage_uri_matches_local_and_resumes(micro_teacher, tmp_path, local_ray, local_reference):
     """train.out_dir a storage URI (file:// here, the same code as s3://): learner rank 0 uploads the student
     from its node (checkpoints, final/), the driver the trainer state and latest.json; on --resume each learner

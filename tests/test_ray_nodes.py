@@ -136,6 +136,7 @@ print(json.dumps({"log": lines, "listening": found}))
 """
 
 
+@pytest.mark.slow
 def test_embedded_ray_listens_on_loopback_only():
     """Every socket the embedded Ray's processes listen on (GCS, raylet, agents, dashboard, an actor) is on
     127.0.0.1, as the log line says."""

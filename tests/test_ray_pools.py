@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import pytest
 import ray
 
 from ar2dlm_ray.config import load_config
@@ -54,6 +55,7 @@ def _check_accounting(summary: dict, metrics: list[dict], batch_size: int) -> No
     assert delivery["consumed"] == delivery["trained"] + delivery["dropped"] + delivery["discarded_duplicates"]
 
 
+@pytest.mark.slow
 def test_the_stages_overlap_and_a_batch_held_by_a_dying_teacher_is_scored_by_another(micro_teacher, tmp_path,
                                                                                   local_ray):
     from ar2dlm_ray.cluster.driver import SCORE_QUEUE_NAME, RayTrainer
@@ -119,6 +121,7 @@ def _settled(trainer, rollout: int, teacher: int) -> bool:
                for k, n in (("rollout", rollout), ("teacher", teacher)))
 
 
+@pytest.mark.slow
 def test_pools_resized_mid_run_from_the_command_line_keep_exact_accounting(micro_teacher, tmp_path,
                                                                           local_ray):
     from ar2dlm_ray.cluster.controller import CONTROLLER_NAME
@@ -239,6 +242,7 @@ def _check_monitoring(metrics: list[dict], scrapes: list, starting: tuple, cfg, 
         time.sleep(1)
 
 
+@pytest.mark.slow
 def test_a_recipe_without_teacher_targets_skips_the_scoring_stage(micro_teacher, tmp_path, local_ray):
     """sft: the teacher generates x0 (direct calls), nothing is scored, batches go straight to the learners;
     with one actor per pool and max_staleness 0 the run still equals the local trainer's."""

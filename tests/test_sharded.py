@@ -89,7 +89,6 @@ def _sharded(tokenizer, dtype, world: int, tmp_path: Path) -> dict:
     return torch.load(out)
 
 
-@pytest.mark.slow
 def test_two_sharded_ranks_take_the_local_learners_steps(tokenizer, tmp_path):
     got = _sharded(tokenizer, torch.float32, 2, tmp_path)
     losses, weights, grads = _local(tokenizer, torch.float32, 2)
@@ -103,7 +102,6 @@ def test_two_sharded_ranks_take_the_local_learners_steps(tokenizer, tmp_path):
     assert not got["master_has_grad"]  # the float32 shards' gradients are freed after each step
 
 
-@pytest.mark.slow
 def test_bf16_sharded_gradients_match_the_local_bf16_learner(tokenizer, tmp_path):
     """bf16 compute with float32 shards as masters, against bf16 weights with float32 master copies: the first
     optimiser step's gradients (AdamW's first step flips sign on near-zero gradients, so weights are no test)."""
@@ -179,6 +177,7 @@ def test_a_sharded_checkpoint_resumes_exactly_on_another_number_of_ranks(tokeniz
             assert abs(one[0][step][u] - mean) < 1e-5, (step, u, one[0][step][u], mean)
 
 
+@pytest.mark.slow
 def test_the_learner_benchmark_compares_like_with_like():
     """`ar2dlm bench learner`: the sharded learner and the replicas it replaced take the same steps (a tiny
     model; the timings of a real run are the benchmark's, not this test's)."""

@@ -120,6 +120,7 @@ def test_vllm_generate_matches_hf_greedy(teachers):
     assert all(0 < len(g) <= 8 for g in sampled)
 
 
+@pytest.mark.slow
 def test_ray_teacher_pool_on_vllm(vllm_micro_teacher, micro_teacher, tmp_path):
     """`teacher.backend: vllm` in the Ray system: two engine replicas share every batch, the run's losses
     match the local trainer with the HF backend's top-k targets, and an engine that cannot start says why."""

@@ -31,7 +31,6 @@ def _metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_opdlm_lowers_on_policy_kl(micro_teacher, tmp_path):
     cfg = load_config("configs/micro.yaml", _overrides(micro_teacher, tmp_path, **{
         "train.max_steps": 24, "train.lr": 2e-3, "train.min_lr": 2e-4, "train.warmup_steps": 2}))
