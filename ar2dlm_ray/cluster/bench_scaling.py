@@ -58,7 +58,7 @@ def real(config: str, overrides: list[str], log=print) -> dict:
                 "dropped_stale": acc["dropped_stale"], "rolled_out": acc["rolled_out"],
                 "staleness_bound": metrics[-1]["staleness_bound"],
                 "version_lag_max": max(m["version_lag"] for m in metrics),
-                "in_flight_mean": sum(m["in_flight"] for m in metrics) / len(metrics)}
+                "in_flight_mean": sum(m["queue_depth"] for m in metrics) / len(metrics)}
             log(f"[bench] real {_name((r, t, l))}: {runs[_name((r, t, l))]}")
     base = runs[_name(POOLS[0])]["trained_tokens_per_s"]
     return {"runs": runs, "speedup": {k: v["trained_tokens_per_s"] / base for k, v in runs.items()}}

@@ -235,7 +235,7 @@ class RayTrainer:
                 pools = " ".join(f"{k[0]}{n}" for k, n in record["pools"].items())
                 self.log(progress.line(self.step, record["loss"], self.accounting["tokens_trained"],
                                        self.drops,
-                                       f"version lag {record['version_lag']} in flight {record['in_flight']} "
+                                       f"version lag {record['version_lag']} in flight {record['queue_depth']} "
                                        f"scoring {record['score_backlog']} pools {pools} "
                                        f"tokens {self.accounting['tokens_trained']} {record['step_s']:.1f}s",
                                        step_drops=self.drops - shown))
@@ -349,7 +349,7 @@ class RayTrainer:
             "mean_gen_len": tokens / max(1, sum(r["trained_on"] for r in results)),
             "tokens_trained": acc["tokens_trained"], "tokens_per_forward": tokens / forwards if forwards else None,
             "version": min(p.version for p in produced), "version_lag": max(r["version_lag"] for r in results),
-            "queue_depth": self.admission.ahead, "in_flight": self.admission.ahead,
+            "queue_depth": self.admission.ahead,
             "staleness_bound": self.admission.staleness, "ready_depth": ready,
             "score_backlog": scoring, "pools": self.producers.joined(),
             "busy": {**busy, "learner": sum(min(r["train_s"], step_s) for r in results) / (n * step_s)},
