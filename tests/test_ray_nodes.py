@@ -100,7 +100,16 @@ def test_a_run_directory_the_learner_node_cannot_see_is_refused(micro_teacher, t
     from ar2dlm_ray.cluster import nodes
     from ar2dlm_ray.cluster.driver import SHARED_ACTORS, RayTrainer, _exists
 
-    free = ray.available_resources().get("CPU")
+    def all_free(timeout_s: float = 30) -> bool:
+        """Every CPU of the cluster free, waiting for placement groups and actors to be removed (asynchronous)."""
+        deadline = time.monotonic() + timeout_s
+        while ray.available_resources().get("CPU") != ray.cluster_resources().get("CPU"):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    assert all_free()  # the previous test's actors may still be releasing theirs
     monkeypatch.setattr(nodes, "_read", ray.remote(num_cpus=0)(lambda path: None))
     with pytest.raises(ConfigError) as err:
         RayTrainer(_cfg(micro_teacher, tmp_path / "run"), lambda *a: None)
@@ -109,10 +118,7 @@ def test_a_run_directory_the_learner_node_cannot_see_is_refused(micro_teacher, t
     assert "where the learners run" in line and "s3://" in line
     assert not any(_exists(name) for name in SHARED_ACTORS)
     assert not list((tmp_path / "run").iterdir())  # the probe is gone
-    deadline = time.monotonic() + 30  # placement groups are removed asynchronously
-    while ray.available_resources().get("CPU") != free and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ray.available_resources().get("CPU") == free
+    assert all_free(), ray.available_resources()
 
 
 LISTENERS = """
