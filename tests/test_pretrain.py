@@ -13,11 +13,17 @@ TINY = dict(steps=60, hidden_size=64, num_layers=2, num_heads=2, intermediate_si
             batch_size=8, vocab_size=400, num_facts=10)
 
 
-def test_tiny_pretrain_writes_checkpoint_and_caches(tmp_path):
-    pcfg = PretrainConfig(cache_dir=str(tmp_path / "teachers"), **TINY)
-    logs = []
-    out = pretrain_teacher(pcfg, DataConfig(), log=logs.append)
-    assert out.parent == tmp_path / "teachers" and any("step 60/60" in line for line in logs)
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """The tiny recipe pretrained once on 2 threads: (its config, its directory, its log)."""
+    pcfg = PretrainConfig(cache_dir=str(tmp_path_factory.mktemp("tiny") / "teachers"), threads=2, **TINY)
+    logs: list[str] = []
+    return pcfg, pretrain_teacher(pcfg, DataConfig(), log=logs.append), logs
+
+
+def test_tiny_pretrain_writes_checkpoint_and_caches(tiny_teacher):
+    pcfg, out, logs = tiny_teacher
+    assert str(out.parent) == pcfg.cache_dir and any("step 60/60" in line for line in logs)
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp dir left behind
 
     report = json.loads((out / "pretrain_report.json").read_text())
@@ -51,7 +57,7 @@ def test_tiny_pretrain_writes_checkpoint_and_caches(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_is_reproducible_and_independent_of_threads(tmp_path):
+def test_pretrain_is_reproducible_and_independent_of_threads(tmp_path, tiny_teacher):
     """The same config gives the same teacher, bit for bit, with 1 or 2 torch threads (a newcomer's run can be
     told apart from the README's by the weights digest alone). Across CPU kernel sets it need not: with
     ATEN_CPU_CAPABILITY=avx2 instead of AVX512 the weights differ after a few steps."""
@@ -59,8 +65,9 @@ def test_pretrain_is_reproducible_and_independent_of_threads(tmp_path):
 
     from ar2dlm_ray.pretrain import teacher_fingerprint, weights_digest
 
-    outs = [pretrain_teacher(PretrainConfig(cache_dir=str(tmp_path / f"threads{n}"), threads=n, **TINY), DataConfig(),
-                             log=lambda *a: None) for n in (1, 2)]
+    one = pretrain_teacher(PretrainConfig(cache_dir=str(tmp_path / "threads1"), threads=1, **TINY), DataConfig(),
+                           log=lambda *a: None)
+    outs = [one, tiny_teacher[1]]
     assert outs[0].name == outs[1].name  # the thread count is not part of the cache key
     a, b = (load_file(o / "model.safetensors") for o in outs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -73,11 +80,10 @@ def test_pretrain_is_reproducible_and_independent_of_threads(tmp_path):
     assert fps[0]["weights_sha256"] == fps[1]["weights_sha256"] == weights_digest(outs[0])
     assert fps[0]["tokenizer_sha256"] == fps[1]["tokenizer_sha256"]
     assert fps[0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and fps[0]["torch"] == torch.__version__
-    # A teacher cached before the digests were recorded gets them computed.
-    for r in reports:
-        del r["weights_sha256"], r["tokenizer_sha256"]
-    (outs[1] / "pretrain_report.json").write_text(json.dumps(reports[1]))
-    assert teacher_fingerprint(outs[1])["weights_sha256"] == fps[0]["weights_sha256"]
+    # A teacher cached before the digests were recorded gets them computed (this test's own copy is changed).
+    del reports[0]["weights_sha256"], reports[0]["tokenizer_sha256"]
+    (outs[0] / "pretrain_report.json").write_text(json.dumps(reports[0]))
+    assert teacher_fingerprint(outs[0])["weights_sha256"] == fps[1]["weights_sha256"]
 
 
 def test_the_shipped_teacher_is_the_recorded_one(tmp_path, monkeypatch):
