@@ -110,25 +110,15 @@ def test_ray_run_to_a_storage_uri_matches_local_and_resumes(micro_teacher, tmp_p
 
 
 @pytest.mark.slow
-def test_ray_resume_and_collective_transport_match_local(micro_teacher, tmp_path, local_ray, local_reference):
+def test_collective_transport_matches_local(micro_teacher, tmp_path, local_ray, local_reference):
+    """The gloo broadcast transport (flat buckets) moves the same weights: the local trainer's losses again.
+    (A Ray run resumed from its checkpoint is checked beside the faults that stop one, below.)"""
     from ar2dlm_ray.cluster.driver import train
 
     ref, _ = local_reference
-    # A run stopped after its step-2 checkpoint (the local trainer's format), then resumed: steps 3-4 repeat.
-    cfg = _ray_cfg(micro_teacher, tmp_path / "resume", **{"train.checkpoint_every": 2})
-    summary = train(cfg, log=lambda *a: None)
-    ckpts = tmp_path / "resume" / "checkpoints"
-    (ckpts / "latest.json").write_text(json.dumps({"checkpoint": "step_0000002", "step": 2}))
-    resumed = train(cfg, resume=True, log=lambda *a: None)
-    again = _metrics(tmp_path / "resume")
-    assert [m["step"] for m in again] == [1, 2, 3, 4]
-    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, again)) < 1e-5
-    assert resumed["accounting"] == summary["accounting"]
-
-    # The gloo broadcast transport (flat buckets) moves the same weights: the same losses again.
-    train(_ray_cfg(micro_teacher, tmp_path / "collective", **{"learner.transport": "collective",
-                                                               "rollout.num_workers": 2}), log=lambda *a: None)
-    collective = _metrics(tmp_path / "collective")
+    train(_ray_cfg(micro_teacher, tmp_path, **{"learner.transport": "collective", "rollout.num_workers": 2}),
+          log=lambda *a: None)
+    collective = _metrics(tmp_path)
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, collective)) < 1e-5
     assert [m["version"] for m in collective] == [0, 1, 2, 3]
 
