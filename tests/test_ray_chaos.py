@@ -117,26 +117,6 @@ def test_a_worker_out_of_restarts_ends_the_run_with_one_line(micro_teacher, tmp_
     assert err.value.resumable and "\n" not in str(err.value)
 
 
-@pytest.mark.slow
-def test_a_stalled_teacher_is_abandoned_restarted_and_the_call_retried(micro_teacher, tmp_path, local_ray):
-    """Teacher replicas that stop answering (SIGSTOP) cost one call deadline, not the run. Both stop: with one
-    healthy replica left, a short run could end before the deadline and never meet the stalled one."""
-    from ar2dlm_ray.cluster.driver import RayTrainer
-
-    cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
-        "train.max_steps": 4, "teacher.num_replicas": 2, "teacher.call_timeout_s": 3}))
-    trainer = RayTrainer(cfg, lambda *a: None)
-    stopped = [info["pid"] for info in trainer.placement["teacher"]]
-    with _stalled(stopped[0]), _stalled(stopped[1]), _closing(trainer):
-        start = time.monotonic()
-        summary = trainer.run()
-        wall = time.monotonic() - start
-        now = [pid_once_up(teacher) for teacher in trainer.teachers]
-    assert not set(now) & set(stopped), "the stalled replicas were restarted"
-    assert summary["accounting"]["retried"] >= 2 and summary["steps"] == 4
-    assert wall < cfg.ray.timeout_s / 10, wall
-
-
 def test_an_unreachable_ray_address_fails_fast_with_one_line():
     import subprocess
     import sys
@@ -152,15 +132,28 @@ def test_an_unreachable_ray_address_fails_fast_with_one_line():
 
 
 @pytest.mark.slow
-def test_a_stalled_rollout_worker_is_restarted_and_its_batch_redone(micro_teacher, tmp_path, local_ray):
+def test_stalled_actors_cost_one_call_deadline_are_restarted_and_their_work_redone(micro_teacher, tmp_path,
+                                                                                   local_ray):
+    """A rollout worker and both teacher replicas stop answering (SIGSTOP), as hung actors do: each costs one
+    call deadline, not the run; each is restarted in a new process, and its batch or scoring call is redone.
+    Both teachers stop: with one healthy replica left, a short run could end before the deadline and never meet
+    the stalled one."""
     from ar2dlm_ray.cluster.driver import RayTrainer
 
     cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path, mode="ray", **{
-        "train.max_steps": 5, "rollout.num_workers": 2, "rollout.call_timeout_s": 8}))
+        "train.max_steps": 5, "rollout.num_workers": 2, "rollout.call_timeout_s": 8,
+        "teacher.num_replicas": 2, "teacher.call_timeout_s": 3}))
     logs: list[str] = []
     trainer = RayTrainer(cfg, logs.append)
-    with _stalled(trainer.placement["rollout"][1]["pid"]), _closing(trainer):
+    stopped = [info["pid"] for info in trainer.placement["teacher"]]
+    with _stalled(trainer.placement["rollout"][1]["pid"]), _stalled(stopped[0]), _stalled(stopped[1]), \
+            _closing(trainer):
+        start = time.monotonic()
         summary = trainer.run()
-    trained = summary["delivery"]["trained_ids"]
-    assert summary["steps"] == 5 and trained == list(range(5))
+        wall = time.monotonic() - start
+        now = [pid_once_up(teacher) for teacher in trainer.teachers]
+    assert not set(now) & set(stopped), "the stalled replicas were restarted"
+    assert summary["accounting"]["retried"] >= 2 and summary["steps"] == 5
+    assert wall < cfg.ray.timeout_s / 10, wall
+    assert summary["delivery"]["trained_ids"] == list(range(5)), "the stalled worker's batch was redone"
     assert any("rollout-1 has not delivered batch" in line for line in logs), logs
