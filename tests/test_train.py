@@ -71,6 +71,29 @@ def _train_cmd(teacher, out_dir, *extra, steps=6, every=2, keep=2):
                                              "train.keep_checkpoints": keep})]
 
 
+def _train_here(cmd) -> None:
+    """Run `cmd` (a _train_cmd) in this process on 1 thread, as the OMP_NUM_THREADS=1 subprocesses run it: a
+    process start less for what need not be killed."""
+    import torch
+
+    from ar2dlm_ray.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(cmd[3:]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference_run(micro_teacher, tmp_path_factory):
+    """The uninterrupted run (6 steps) that a killed and resumed one must repeat."""
+    out = tmp_path_factory.mktemp("reference")
+    _train_here(_train_cmd(micro_teacher, out))
+    return out
+
+
 def _kill_after_step_3(cmd, env, metrics):
     """SIGKILL a training run once `metrics` has 3 steps (the run checkpoints at step 2)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -84,13 +107,12 @@ def _kill_after_step_3(cmd, env, metrics):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_continues_with_same_steps_and_data(micro_teacher, tmp_path):
+def test_resume_after_kill_continues_with_same_steps_and_data(micro_teacher, tmp_path, reference_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    subprocess.run(_train_cmd(micro_teacher, ref_dir), check=True, env=env, capture_output=True)
+    ref_dir, run_dir = reference_run, tmp_path / "run"
     _kill_after_step_3(_train_cmd(micro_teacher, run_dir), env, run_dir / "metrics.jsonl")
     assert len(_metrics(run_dir)) in (3, 4), "kill did not land mid-run"
-    subprocess.run(_train_cmd(micro_teacher, run_dir, "--resume"), check=True, env=env, capture_output=True)
+    _train_here(_train_cmd(micro_teacher, run_dir, "--resume"))
     ref, got = _metrics(ref_dir), _metrics(run_dir)
     assert [m["step"] for m in got] == list(range(1, 7))
     for a, b in zip(ref, got):
@@ -102,18 +124,18 @@ def test_resume_after_kill_continues_with_same_steps_and_data(micro_teacher, tmp
 
 
 @pytest.mark.slow
-def test_a_run_to_a_storage_uri_persists_there_and_resumes_after_a_kill(micro_teacher, tmp_path, capsys):
+def test_a_run_to_a_storage_uri_persists_there_and_resumes_after_a_kill(micro_teacher, tmp_path, capsys,
+                                                                        reference_run):
     """train.out_dir=file:///... (pyarrow.fs: the same code as s3:// or gs://): the run works in a staging
     directory and persists metrics, checkpoints, summary and final/ to the URI; SIGKILLed, `--resume` from the
     URI repeats the uninterrupted run's losses; a fresh run into it is refused."""
     from ar2dlm_ray.runs import RunStorage
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref_dir, store = tmp_path / "ref", tmp_path / "store" / "run"
+    ref_dir, store = reference_run, tmp_path / "store" / "run"
     uri = f"file://{store}"
     staged = RunStorage(uri).local
     assert not staged.is_relative_to(tmp_path), "the staging directory is not the URI's location"
-    subprocess.run(_train_cmd(micro_teacher, ref_dir), check=True, env=env, capture_output=True)
     # The live log is the staged one; the URI gets it before each checkpoint.
     _kill_after_step_3(_train_cmd(micro_teacher, uri), env, staged / "metrics.jsonl")
     persisted = [m["step"] for m in _metrics(store)]
@@ -122,7 +144,7 @@ def test_a_run_to_a_storage_uri_persists_there_and_resumes_after_a_kill(micro_te
     assert latest == f"step_{persisted[-1]:07d}" and (store / "checkpoints" / latest / "trainer_state.pt").is_file()
     assert not (store / "summary.json").exists() and not (store / "final").exists()
 
-    subprocess.run(_train_cmd(micro_teacher, uri, "--resume"), check=True, env=env, capture_output=True)
+    _train_here(_train_cmd(micro_teacher, uri, "--resume"))
     ref, got = _metrics(ref_dir), _metrics(store)
     assert [m["step"] for m in got] == list(range(1, 7))
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)) < 1e-5
@@ -196,7 +218,7 @@ def test_sigterm_checkpoints_and_resume_keeps_the_schedule(micro_teacher, tmp_pa
     def cmd(out, *extra):
         return _train_cmd(micro_teacher, out, *extra, steps=7, every=3, keep=10)
 
-    subprocess.run(cmd(ref_dir), check=True, env=env, capture_output=True)
+    _train_here(cmd(ref_dir))
     proc = subprocess.Popen(cmd(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
@@ -213,7 +235,7 @@ def test_sigterm_checkpoints_and_resume_keeps_the_schedule(micro_teacher, tmp_pa
     assert "--resume" in err.strip().splitlines()[-1]
     ckpts = run_dir / "checkpoints"
     assert {p.name for p in ckpts.glob("step_*")} == {"step_0000003", f"step_{stopped:07d}"}
-    subprocess.run(cmd(run_dir, "--resume"), check=True, env=env, capture_output=True)
+    _train_here(cmd(run_dir, "--resume"))
     assert {p.name for p in ckpts.glob("step_*")} == {"step_0000003", f"step_{stopped:07d}", "step_0000006",
                                                        "step_0000007"}
     ref, got = _metrics(ref_dir), _metrics(run_dir)
