@@ -19,7 +19,7 @@ def test_stage_costs_and_bound():
 
 
 @pytest.mark.slow
-def test_quick_bench_reports_throughput_against_the_bound_with_exact_accounting():
+def test_quick_bench_reports_throughput_against_the_bound_with_exact_accounting(local_ray):
     result = bench_orchestration("configs/micro.yaml", [], quick=True, log=lambda *a: None)
     assert result["throughput_vs_bound"] and result["accounting_exact"]
     for name, value in result["throughput_vs_bound"].items():
@@ -34,7 +34,7 @@ def test_quick_bench_reports_throughput_against_the_bound_with_exact_accounting(
 
 
 @pytest.mark.slow
-def test_resize_mid_run_is_reported_and_every_batch_is_trained_once():
+def test_resize_mid_run_is_reported_and_every_batch_is_trained_once(local_ray):
     spec = Spec("scale", (1, 1, 1), "balanced", 1.0, 16, scale=((4, {"rollout": 2}), (10, {"rollout": 1})))
     result = bench_orchestration("configs/micro.yaml", [], log=lambda *a: None, specs=(spec,))
     run = result["runs"][0]
