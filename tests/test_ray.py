@@ -82,34 +82,6 @@ def test_ray_run_matches_local_trainer(micro_teacher, tmp_path, local_ray, local
 
 
 @pytest.mark.slow
-def test_ray_run_to_a_storage_uri_matches_local_and_resumes(micro_teacher, tmp_path, local_ray, local_reference):
-    """train.out_dir a storage URI (file:// here, the same code as s3://): learner rank 0 uploads the student
-    from its node (checkpoints, final/), the driver the trainer state and latest.json; on --resume each learner
-    downloads the student on its node."""
-    from ar2dlm_ray.cluster.driver import train
-
-    ref, local_acc = local_reference
-    store = tmp_path / "store" / "run"
-    cfg = _ray_cfg(micro_teacher, f"file://{store}", **{"train.checkpoint_every": 2})
-    summary = train(cfg, log=lambda *a: None)
-    assert summary["final_student"] == f"file://{store}/final"
-    assert (store / "final" / "ar2dlm_student.json").is_file()
-    ckpts = store / "checkpoints"
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004"]
-    assert list((ckpts / "step_0000002" / "student").glob("*.safetensors"))
-    assert json.loads((store / "summary.json").read_text())["accounting"] == summary["accounting"]
-    for key, value in local_acc.items():
-        assert summary["accounting"][key] == value, key
-
-    (ckpts / "latest.json").write_text(json.dumps({"checkpoint": "step_0000002", "step": 2}))
-    resumed = train(cfg, resume=True, log=lambda *a: None)
-    got = _metrics(store)
-    assert [m["step"] for m in got] == [1, 2, 3, 4]
-    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)) < 1e-5
-    assert resumed["accounting"] == summary["accounting"]
-
-
-@pytest.mark.slow
 def test_collective_transport_matches_local(micro_teacher, tmp_path, local_ray, local_reference):
     """The gloo broadcast transport (flat buckets) moves the same weights: the local trainer's losses again.
     (A Ray run resumed from its checkpoint is checked beside the faults that stop one, below.)"""
@@ -220,12 +192,18 @@ def test_stale_batch_is_dropped_and_duplicates_are_discarded(micro_teacher, tmp_
 
 
 @pytest.mark.slow
-def test_dead_learner_stops_with_one_line_and_resume_is_exact(micro_teacher, tmp_path, local_ray, local_reference):
+def test_dead_learner_stops_with_one_line_and_a_run_to_a_storage_uri_resumes_exactly(micro_teacher, tmp_path,
+                                                                                     local_ray, local_reference):
+    """The learner dies after step 3: the run stops with one line, resumable. Its train.out_dir is a storage URI
+    (file:// here, the same code as s3://): learner rank 0 uploads the student from its node (checkpoints,
+    final/), the driver the trainer state and latest.json; on --resume each learner downloads the student on its
+    node, and the run repeats the local trainer's."""
     from ar2dlm_ray.cluster.driver import RayTrainer
     from ar2dlm_ray.config import RunError
 
     ref, local_acc = local_reference
-    cfg = _ray_cfg(micro_teacher, tmp_path, **{"train.checkpoint_every": 2})
+    store = tmp_path / "store" / "run"
+    cfg = _ray_cfg(micro_teacher, f"file://{store}", **{"train.checkpoint_every": 2})
     trainer = RayTrainer(cfg, lambda *a: None)
     record = trainer._record
 
@@ -242,16 +220,23 @@ def test_dead_learner_stops_with_one_line_and_resume_is_exact(micro_teacher, tmp
     finally:
         trainer.close()
     assert err.value.resumable and "\n" not in str(err.value)
+    ckpts = store / "checkpoints"
+    assert [p.name for p in ckpts.glob("step_*")] == ["step_0000002"]
+    assert list((ckpts / "step_0000002" / "student").glob("*.safetensors"))
     resumed = RayTrainer(cfg, lambda *a: None)
     try:
         summary = resumed.run(resume=True)
     finally:
         resumed.close()
-    got = _metrics(tmp_path)
+    got = _metrics(store)
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)) < 1e-5
     for key, value in local_acc.items():
         assert summary["accounting"][key] == value, key
+    assert summary["final_student"] == f"file://{store}/final"
+    assert (store / "final" / "ar2dlm_student.json").is_file()
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004"]
+    assert json.loads((store / "summary.json").read_text())["accounting"] == summary["accounting"]
 
 
 @pytest.mark.slow
