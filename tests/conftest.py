@@ -27,10 +27,14 @@ def local_ray():
 
     if ray.is_initialized():  # an embedded Ray some earlier test left behind would fail ray.init
         ray.shutdown()
-    # A 2.5 s metrics report interval: Ray drops a gauge 2 intervals after its last report, so a drained
-    # actor's series are gone in 5 s rather than the default 20 s that the resize test would wait for.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="ar2dlm-test", log_to_driver=False,
-             _system_config={"metrics_report_interval_ms": 2500})
+    # Ray's metrics agent drops a gauge two report intervals after its last report: with 2.5 s (its processes
+    # read it from the environment, not from _system_config) a drained actor's series are gone in 5 s, not the
+    # default 20 s that the resize test would wait for.
+    os.environ["RAY_metrics_report_interval_ms"] = "2500"
+    try:
+        ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="ar2dlm-test", log_to_driver=False)
+    finally:
+        del os.environ["RAY_metrics_report_interval_ms"]
     yield
     ray.shutdown()
 

@@ -6,8 +6,7 @@ performs. Names are prefixed `ar2dlm_`; Ray adds `ray_` when exporting. Every sa
 (rollout, teacher, learner, driver) and the `run` (`logging.run_name`, kept across resumes); all but the
 pool gauges also with the `actor` (the actor's name, e.g. `rollout-1`).
 
-Ray stops exporting a gauge two report intervals after it was last set (20 s by default, 2 s in the embedded
-Ray, which reports every second), and keeps a counter of a dead process for good.
+Ray stops exporting a gauge about 20 s after it was last set, and keeps a counter of a dead process for good.
 So every metric here is a gauge (totals too: the process's running total, which `rate()` reads as a counter),
 and each process sets its values again every REFRESH_S: a series lives exactly as long as its actor (for the
 driver's: until the run's `close()`), without gaps between the steps that change it.
@@ -46,7 +45,7 @@ POOL_GAUGES = ("pool_size", "pool_busy")  # one series per pool, whichever proce
 
 TAG_KEYS = ("pool", "actor", "run")
 POOL_TAG_KEYS = ("pool", "run")
-REFRESH_S = 1.0  # inside the embedded Ray's 2 s expiry and a 5 s scrape interval
+REFRESH_S = 1.0  # well inside Ray's ~20 s expiry and a 5 s scrape interval
 
 _live: set["Metrics"] = set()
 _lock = threading.Lock()
