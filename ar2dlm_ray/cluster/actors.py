@@ -34,8 +34,9 @@ from .controller import current_members
 from .delivery import LEDGER_NAME
 from .messages import ProduceStats, RolloutBatch, ScoreStats
 from .metrics import Metrics
+from .registry import REGISTRY_NAME
 from .rendezvous import host_store, join_store
-from .weights import REGISTRY_NAME, WeightSource, build_transport
+from .weights import WeightSource, build_transport
 
 
 def _setup_process(threads: int) -> None:

@@ -21,7 +21,8 @@ import ray
 import torch
 
 from .rendezvous import host_store, join_store
-from .weights import WeightRegistry, build_transport
+from .registry import WeightRegistry
+from .weights import build_transport
 
 # Qwen3-0.6B: vocab 151936, hidden 1024, 28 layers, 16 query / 8 key-value heads of 128, MLP 3072, tied
 # embeddings; 596M parameters.

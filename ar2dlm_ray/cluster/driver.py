@@ -44,7 +44,7 @@ from .nodes import (NodeWatch, absolute_out_dir, bundle_nodes, check_visible, da
                     on_driver_node, settle)
 from .placement import bundle, check_memory, reserve
 from .producers import POLL_S, Producers
-from .weights import REGISTRY_NAME, WeightRegistry
+from .registry import REGISTRY_NAME, WeightRegistry
 
 QUEUE_NAME = "rollout-queue"
 SCORE_QUEUE_NAME = "score-queue"

@@ -1,7 +1,7 @@
 """Versioned student weights, published by learner rank 0 without waiting and adopted by rollout workers
 between rollouts.
 
-A small named registry actor keeps the newest version number and how to fetch it. The payload travels
+A small named registry actor (registry.py) keeps the newest version number and how to fetch it. The payload travels
 by a transport behind one interface (`publish(model, version)` on the learner, `receive(model, current,
 min_version)` on a worker):
 - `object_store`: the state as one flat array per dtype, `ray.put` by a background thread; the registry
@@ -18,7 +18,6 @@ gathered one tensor at a time straight into the snapshot, so that no rank ever h
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 import warnings
@@ -26,38 +25,6 @@ from datetime import timedelta
 
 import ray
 import torch
-
-REGISTRY_NAME = "weights"
-
-
-class WeightRegistry:
-    """Async actor: the newest (version, payload); `latest` can wait for a minimum version."""
-
-    def __init__(self, keep: int = 2):
-        self.keep = keep
-        self.versions: dict[int, list] = {}
-        self.newest = -1
-        self.changed = asyncio.Condition()
-
-    async def publish(self, version: int, payload: list) -> None:
-        async with self.changed:
-            if version <= self.newest:
-                return  # a late duplicate (e.g. after a resume) must not roll the version back
-            self.versions[version] = payload
-            self.newest = version
-            # Dropping old entries releases the learner's objects once no worker still reads them.
-            for old in sorted(self.versions)[:-self.keep]:
-                del self.versions[old]
-            self.changed.notify_all()
-
-    async def latest(self, min_version: int = -1, timeout: float | None = None):
-        async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(lambda: self.newest >= min_version), timeout)
-            return self.newest, self.versions[self.newest]
-
-    async def version(self) -> int:
-        return self.newest
-
 
 class WeightSource:
     """The weights a transport publishes: every entry's shape and dtype known up front (`meta`), each tensor
