@@ -4,7 +4,6 @@ on the meta device, its shards sent by rank 0, as in a Ray learner group); publi
 weights; a sharded checkpoint resumes exactly, also on another number of ranks."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -46,11 +45,20 @@ def _config(world: int):
     return _cfg(rollout_batch_size=PER_RANK, minibatch_size=PER_RANK // 2, micro_batch_size=1)
 
 
-def _rank(rank: int, world: int, port: int, tokenizer, dtype, out: str) -> None:
+def _rank(rank: int, world: int, port: int, tokenizer, dtypes: list, out: str) -> None:
+    """Each dtype's run in turn, in one process group (a spawned process costs seconds of imports)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    for dtype in dtypes:
+        _train_sharded(rank, world, tokenizer, dtype, f"{out}-{dtype}")
+    dist.destroy_process_group()
+
+
+def _train_sharded(rank: int, world: int, tokenizer, dtype, out: str) -> None:
+    import torch.distributed as dist
+
     student = _student(tokenizer, dtype, meta=rank > 0)
     shard(student, dtype, from_rank0=True)
     learner = Learner(student, _config(world), total_steps=STEPS)
@@ -66,7 +74,6 @@ def _rank(rank: int, world: int, port: int, tokenizer, dtype, out: str) -> None:
     if rank == 0:
         torch.save({"losses": everyone, "weights": weights, "first_grads": grads[0],
                     "master_has_grad": any(p.grad is not None for p in learner.params)}, out)
-    dist.destroy_process_group()
 
 
 def _local(tokenizer, dtype, world: int):
@@ -83,14 +90,17 @@ def _local(tokenizer, dtype, world: int):
     return losses, {k: v.float() for k, v in student.model.state_dict().items()}, grads[0]
 
 
-def _sharded(tokenizer, dtype, world: int, tmp_path: Path) -> dict:
-    out = tmp_path / f"rank0-{world}-{dtype}.pt"
-    mp.spawn(_rank, args=(world, free_port(), tokenizer, dtype, str(out)), nprocs=world, join=True)
-    return torch.load(out)
+@pytest.fixture(scope="module")
+def sharded(tokenizer, tmp_path_factory) -> dict:
+    """{dtype: rank 0's record} of two sharded ranks training in float32, then in bfloat16."""
+    out = tmp_path_factory.mktemp("sharded") / "rank0"
+    dtypes = [torch.float32, torch.bfloat16]
+    mp.spawn(_rank, args=(2, free_port(), tokenizer, dtypes, str(out)), nprocs=2, join=True)
+    return {dtype: torch.load(f"{out}-{dtype}") for dtype in dtypes}
 
 
-def test_two_sharded_ranks_take_the_local_learners_steps(tokenizer, tmp_path):
-    got = _sharded(tokenizer, torch.float32, 2, tmp_path)
+def test_two_sharded_ranks_take_the_local_learners_steps(tokenizer, sharded):
+    got = sharded[torch.float32]
     losses, weights, grads = _local(tokenizer, torch.float32, 2)
     for step in range(STEPS):
         for u, want in enumerate(losses[step]):
@@ -102,10 +112,10 @@ def test_two_sharded_ranks_take_the_local_learners_steps(tokenizer, tmp_path):
     assert not got["master_has_grad"]  # the float32 shards' gradients are freed after each step
 
 
-def test_bf16_sharded_gradients_match_the_local_bf16_learner(tokenizer, tmp_path):
+def test_bf16_sharded_gradients_match_the_local_bf16_learner(tokenizer, sharded):
     """bf16 compute with float32 shards as masters, against bf16 weights with float32 master copies: the first
     optimiser step's gradients (AdamW's first step flips sign on near-zero gradients, so weights are no test)."""
-    got = _sharded(tokenizer, torch.bfloat16, 2, tmp_path)["first_grads"]
+    got = sharded[torch.bfloat16]["first_grads"]
     _, _, want = _local(tokenizer, torch.bfloat16, 2)
     assert got.keys() == want.keys()
     for name, g in want.items():
