@@ -56,7 +56,6 @@ def test_tiny_pretrain_writes_checkpoint_and_caches(tiny_teacher):
     assert set(acc) == {"arith", "facts", "overall"} and 0.0 <= acc["overall"] <= 1.0
 
 
-@pytest.mark.slow
 def test_pretrain_is_reproducible_and_independent_of_threads(tmp_path, tiny_teacher):
     """The same config gives the same teacher, bit for bit, with 1 or 2 torch threads (a newcomer's run can be
     told apart from the README's by the weights digest alone). Across CPU kernel sets it need not: with

@@ -106,7 +106,6 @@ def _kill_after_step_3(cmd, env, metrics):
     proc.wait()
 
 
-@pytest.mark.slow
 def test_resume_after_kill_continues_with_same_steps_and_data(micro_teacher, tmp_path, reference_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref_dir, run_dir = reference_run, tmp_path / "run"
@@ -123,7 +122,6 @@ def test_resume_after_kill_continues_with_same_steps_and_data(micro_teacher, tmp
     assert ref_acc == got_acc and got_acc["prompts_consumed"] == 6 * 16
 
 
-@pytest.mark.slow
 def test_a_run_to_a_storage_uri_persists_there_and_resumes_after_a_kill(micro_teacher, tmp_path, capsys,
                                                                         reference_run):
     """train.out_dir=file:///... (pyarrow.fs: the same code as s3:// or gs://): the run works in a staging
@@ -207,7 +205,6 @@ def test_resume_refuses_config_changes_and_falls_back_from_a_damaged_checkpoint(
     assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]
 
 
-@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_keeps_the_schedule(micro_teacher, tmp_path):
     """SIGTERM (what `ray job stop` sends) writes a checkpoint after the step in progress and stops with one
     line; the resumed run keeps checkpointing on multiples of checkpoint_every and ends where an uninterrupted
