@@ -1,9 +1,10 @@
 """Shared fixtures: a real BPE tokenizer trained on Shakespeare, tiny random models of several HF
-families, and a small micro teacher really pretrained on text (cached across the session)."""
+families, and a small micro teacher really pretrained on text (shipped in tests/assets, copied once a session)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,17 +74,22 @@ def tiny_causal_lm(family: str, vocab_size: int, seed: int = 0, sliding_window: 
     return model.eval()
 
 
+# The tests' teacher: what `pretrain_teacher(PretrainConfig(**TEST_TEACHER), DataConfig())` made on an AVX512 CPU
+# (15 s on 2 cores; its weights depend on the CPU's kernels, and thresholds such as the on-policy KL test's were
+# set on these), shipped in tests/assets/test_teacher. test_pretrain.py checks the files against its report.
+TEST_TEACHER = dict(vocab_size=512, hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256, seq_len=64,
+                    steps=250, batch_size=16, lr=3e-3, num_facts=20)
+TEST_TEACHER_DIR = Path(__file__).parent / "assets" / "test_teacher"
+
+
 @pytest.fixture(scope="session")
-def micro_teacher():
-    """A small Llama teacher pretrained for real on Shakespeare + tasks (about 20 s on 2 cores).
+def micro_teacher(tmp_path_factory):
+    """A small Llama teacher (4 attention heads of 24) pretrained for real on Shakespeare + tasks: a copy of the
+    shipped one per session, so that nothing a test writes reaches the repository."""
+    import json
+    import shutil
 
-    Cached by configuration hash under the data cache, like any micro teacher, so reruns reuse it.
-    """
-    from ar2dlm_ray.config import DataConfig, PretrainConfig
-    from ar2dlm_ray.data import default_cache_dir
-    from ar2dlm_ray.pretrain import pretrain_teacher
-
-    pcfg = PretrainConfig(cache_dir=str(default_cache_dir() / "test_teacher"), vocab_size=512, hidden_size=96,
-                          num_layers=2, num_heads=4, intermediate_size=256, seq_len=64, steps=250, batch_size=16,
-                          lr=3e-3, num_facts=20)
-    return str(pretrain_teacher(pcfg, DataConfig(), log=lambda *a, **k: None))
+    key = json.loads((TEST_TEACHER_DIR / "pretrain_report.json").read_text())["key"]  # as in a pretrain cache
+    out = tmp_path_factory.mktemp("teacher") / key
+    shutil.copytree(TEST_TEACHER_DIR, out)
+    return str(out)

@@ -85,6 +85,20 @@ def test_pretrain_is_reproducible_and_independent_of_threads(tmp_path, tiny_teac
     assert teacher_fingerprint(outs[0])["weights_sha256"] == fps[1]["weights_sha256"]
 
 
+def test_the_tests_teacher_is_what_its_recipe_made():
+    """tests/assets/test_teacher (conftest's micro_teacher) is the teacher that conftest's TEST_TEACHER recipe names
+    (a change to the recipe or to the pretraining code changes the key: pretrain it again and ship that), with
+    the weights and tokenizer its report records."""
+    from conftest import TEST_TEACHER, TEST_TEACHER_DIR
+
+    from ar2dlm_ray.pretrain import file_digest, teacher_key, weights_digest
+
+    report = json.loads((TEST_TEACHER_DIR / "pretrain_report.json").read_text())
+    assert report["key"] == teacher_key(PretrainConfig(**TEST_TEACHER), DataConfig())
+    assert weights_digest(TEST_TEACHER_DIR) == report["weights_sha256"]
+    assert file_digest(TEST_TEACHER_DIR / "tokenizer.json") == report["tokenizer_sha256"]
+
+
 def test_the_shipped_teacher_is_the_recorded_one(tmp_path, monkeypatch):
     """The micro teacher shipped in the package: every file as its manifest records, weights digest ef4e3b6cba62
     (what the default recipe pretrains on an AMD EPYC with AVX512 kernels), and the default micro config runs with
