@@ -3,6 +3,7 @@ families, and a small micro teacher really pretrained on text (shipped in tests/
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -11,6 +12,18 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on 1 thread for a while, as the actors and OMP_NUM_THREADS=1 subprocesses run: the same reductions,
+    so their losses can be compared to 1e-5."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -44,15 +44,11 @@ def _metrics(out_dir):
 @pytest.fixture(scope="module")
 def local_reference(micro_teacher, tmp_path_factory):
     """The local trainer's metrics for the settings the Ray runs must reproduce."""
-    import torch
+    from conftest import one_torch_thread
 
     out = tmp_path_factory.mktemp("local")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the actors run one thread; keep the reductions identical
-    try:
+    with one_torch_thread():  # as the actors run
         LocalTrainer(load_config("configs/micro.yaml", ray_overrides(micro_teacher, out)), log=lambda *a: None).run()
-    finally:
-        torch.set_num_threads(threads)
     return _metrics(out), json.loads((out / "summary.json").read_text())["accounting"]
 
 

@@ -74,16 +74,12 @@ def _train_cmd(teacher, out_dir, *extra, steps=6, every=2, keep=2):
 def _train_here(cmd) -> None:
     """Run `cmd` (a _train_cmd) in this process on 1 thread, as the OMP_NUM_THREADS=1 subprocesses run it: a
     process start less for what need not be killed."""
-    import torch
+    from conftest import one_torch_thread
 
     from ar2dlm_ray.cli import main
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         assert main(cmd[3:]) == 0
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
